@@ -1,0 +1,136 @@
+//! Why a proxied request failed, and the HTTP response each failure becomes.
+//!
+//! A middleware that returns `Err` makes hyper drop the connection without an answer, so the
+//! layer turns every lifecycle or upstream failure into a response with a status and a short
+//! text reason. [`Error::status`] gives the mapping.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use vmproxy::Error;
+//!
+//! let err = Error::cold_start_timeout("app", Duration::from_secs(300));
+//! assert_eq!(err.status(), http::StatusCode::GATEWAY_TIMEOUT);
+//! assert!(err.to_string().contains("app"));
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, StatusCode};
+
+use crate::BoxError;
+
+/// A failure to serve a proxied request, carried to the client as a response.
+#[derive(Clone, Debug)]
+pub struct Error {
+    kind: Kind,
+    machine: Arc<str>,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Overloaded { max_pending: usize },
+    StartFailed { source: Arc<BoxError>, retry_after: Duration },
+    ColdStartTimeout { waited: Duration },
+    Upstream { source: Arc<BoxError> },
+    BadPath { reason: &'static str },
+}
+
+impl Error {
+    pub(crate) fn overloaded(machine: &str, max_pending: usize) -> Self {
+        Error { kind: Kind::Overloaded { max_pending }, machine: machine.into() }
+    }
+
+    pub(crate) fn start_failed(machine: &str, source: Arc<BoxError>, retry_after: Duration) -> Self {
+        Error { kind: Kind::StartFailed { source, retry_after }, machine: machine.into() }
+    }
+
+    /// The error a request gets when the machine did not become ready within `waited`.
+    pub fn cold_start_timeout(machine: &str, waited: Duration) -> Self {
+        Error { kind: Kind::ColdStartTimeout { waited }, machine: machine.into() }
+    }
+
+    pub(crate) fn upstream(machine: &str, source: impl Into<BoxError>) -> Self {
+        Error { kind: Kind::Upstream { source: Arc::new(source.into()) }, machine: machine.into() }
+    }
+
+    pub(crate) fn bad_path(machine: &str, reason: &'static str) -> Self {
+        Error { kind: Kind::BadPath { reason }, machine: machine.into() }
+    }
+
+    /// The HTTP status this failure is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            Kind::Overloaded { .. } | Kind::StartFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::ColdStartTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Kind::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Kind::BadPath { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// How long a client should wait before trying again, where that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match &self.kind {
+            Kind::Overloaded { .. } => Some(Duration::from_secs(1)),
+            Kind::StartFailed { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The machine (route) the request was for.
+    pub fn machine(&self) -> &str {
+        &self.machine
+    }
+
+    /// Whether the machine could not be reached while it was thought to run.
+    pub fn is_upstream(&self) -> bool {
+        matches!(self.kind, Kind::Upstream { .. })
+    }
+
+    /// The response for this failure: status, `Retry-After` where it applies, and the reason as
+    /// `text/plain`.
+    pub(crate) fn to_response<B>(&self, body: impl FnOnce(String) -> B) -> http::Response<B> {
+        let mut res = http::Response::new(body(format!("{self}\n")));
+        *res.status_mut() = self.status();
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let Some(after) = self.retry_after() {
+            // Retry-After is whole seconds (RFC 9110 §10.2.3); never advertise 0.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        res
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.machine;
+        match &self.kind {
+            Kind::Overloaded { max_pending } => write!(
+                f,
+                "machine {m} is starting and {max_pending} requests are already waiting for it; try again shortly"
+            ),
+            Kind::StartFailed { source, .. } => write!(f, "machine {m} failed to start: {source}"),
+            Kind::ColdStartTimeout { waited } => write!(
+                f,
+                "machine {m} did not become ready within {}; it is still starting, try again",
+                humantime::format_duration(*waited)
+            ),
+            Kind::Upstream { source } => write!(f, "machine {m} could not be reached: {source}"),
+            Kind::BadPath { reason } => write!(f, "bad request path for machine {m}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            Kind::StartFailed { source, .. } | Kind::Upstream { source } => Some(&***source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Scale-to-zero backends for any tower or axum service.
+//!
+//! [`VmProxyLayer`] wraps a service. Requests under a [`Route`]'s path prefixes go to an
+//! on-demand machine — a local process, or a Compute Engine VM — that the first request starts
+//! and that is stopped again after an idle period; every other request goes to the wrapped
+//! service untouched. Concurrent first requests share one start.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use vmproxy::{backend::process::ProcessBackend, Route, VmProxyLayer};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//!     let backend = ProcessBackend::new(["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"])?;
+//!     let route = Route::builder("/files", backend).strip_prefix(true).build()?;
+//!     let app = Router::new()
+//!         .route("/", get(|| async { "always on" }))
+//!         .layer(VmProxyLayer::new(route));
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! What happens on each request, the state machine's rules and the error statuses are described
+//! in the crate's README.
+
+#![deny(missing_docs, unsafe_code)]
+#![warn(unreachable_pub, clippy::await_holding_lock, clippy::if_let_mutex)]
+
+pub mod backend;
+mod body;
+pub mod config;
+mod error;
+mod future;
+mod layer;
+pub mod lifecycle;
+mod path;
+mod probe;
+mod proxy;
+pub mod route;
+mod service;
+
+#[cfg(feature = "emulator")]
+pub mod emulator;
+
+pub use body::ResponseBody;
+pub use error::Error;
+pub use future::ResponseFuture;
+pub use layer::VmProxyLayer;
+pub use lifecycle::{Handle, State};
+pub use route::{ConfigError, Route, RouteBuilder};
+pub use service::VmProxy;
+
+/// The error type at the crate's edges.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's address, for `X-Forwarded-For`. Insert it as a request extension when serving
+/// with plain hyper; with axum, `into_make_service_with_connect_info::<SocketAddr>()` is read
+/// as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);

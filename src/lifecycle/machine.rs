@@ -1,0 +1,671 @@
+//! The lifecycle's decisions as a pure state machine: no I/O, no clock of its own.
+//!
+//! Every method takes the current time and returns what the driver must do next, so the
+//! rules of DESIGN.md are tested here without sockets, tasks or sleeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::Endpoint;
+use crate::BoxError;
+
+/// The phase of one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Not running; the next request starts it.
+    Absent,
+    /// A start (create, start or resume, then readiness probe) is in flight.
+    Creating,
+    /// Up and answering at this endpoint.
+    Running(Endpoint),
+    /// Being taken down; requests that arrive now wait and start it again.
+    Stopping,
+}
+
+impl State {
+    /// The phase's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Absent => "absent",
+            State::Creating => "creating",
+            State::Running(_) => "running",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// Limits that shape the decisions.
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub(crate) max_pending: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) start_backoff: Duration,
+    pub(crate) max_start_backoff: Duration,
+}
+
+/// I/O the driver must perform after a decision.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Action {
+    None,
+    /// Spawn the start task.
+    Start,
+    /// Call the backend's stop now.
+    Stop,
+}
+
+/// The answer to a request that wants the machine.
+#[derive(Debug)]
+pub(crate) enum Admit {
+    /// Running: the request is counted in flight; send it here.
+    Ready(Endpoint),
+    /// Not running yet: the request is counted pending and waits with this ticket.
+    Wait { ticket: Ticket, action: Action },
+    /// Refused at once.
+    Reject(Reject),
+}
+
+/// Why a request was refused without waiting.
+#[derive(Debug)]
+pub(crate) enum Reject {
+    Overloaded { max_pending: usize },
+    BackingOff { error: Arc<BoxError>, retry_after: Duration },
+}
+
+/// What a waiter holds: the failure count when it began to wait, so it learns of a failed start
+/// that happened after it arrived and of no earlier one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    failures: u64,
+}
+
+/// A waiter's look at the state after a change.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    Ready(Endpoint),
+    Failed { error: Arc<BoxError>, retry_after: Duration },
+    Wait,
+}
+
+/// When the idle loop should act next.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// The idle deadline passed with nothing in flight: stop is due (after asking the backend).
+    Due,
+    /// Look again at this moment.
+    At(Instant),
+    /// Nothing to watch: not running, or scale-to-zero disabled.
+    Never,
+}
+
+/// The state of one machine and the counts the rules need.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    state: State,
+    since: Instant,
+    limits: Limits,
+    /// Requests sent to the machine whose response (body or upgraded connection) has not ended.
+    in_flight: usize,
+    /// Requests waiting for the machine to run.
+    pending: usize,
+    last_active: Instant,
+    /// Failed starts so far; waiters compare it with their ticket.
+    failures: u64,
+    consecutive_failures: u32,
+    last_failure: Option<Arc<BoxError>>,
+    backoff_until: Option<Instant>,
+    /// `stop()` was asked while a start was in flight.
+    stop_after_start: bool,
+    /// Stopping: the backend's stop was issued (it waits for in-flight requests first).
+    stop_issued: bool,
+    /// Running, but a connect error made us ask the backend whether the machine is still there.
+    suspect: bool,
+    /// The endpoint while stopping, to fall back to if the stop fails.
+    stopping_endpoint: Option<Endpoint>,
+    /// Increments every time the machine becomes Running.
+    generation: u64,
+    /// When this proxy last told the backend it served traffic.
+    last_recorded: Option<Instant>,
+}
+
+impl Machine {
+    pub(crate) fn new(limits: Limits, now: Instant) -> Self {
+        Machine {
+            state: State::Absent,
+            since: now,
+            limits,
+            in_flight: 0,
+            pending: 0,
+            last_active: now,
+            failures: 0,
+            consecutive_failures: 0,
+            last_failure: None,
+            backoff_until: None,
+            stop_after_start: false,
+            stop_issued: false,
+            suspect: false,
+            stopping_endpoint: None,
+            generation: 0,
+            last_recorded: None,
+        }
+    }
+
+    /// Whether to tell the backend that this proxy serves traffic: at most every
+    /// `idle_timeout / 4`, so that replicas sharing the machine see it in use.
+    pub(crate) fn activity_report_due(&mut self, now: Instant) -> bool {
+        let Some(timeout) = self.limits.idle_timeout else {
+            return false;
+        };
+        if !matches!(self.state, State::Running(_)) {
+            return false;
+        }
+        match self.last_recorded {
+            Some(at) if now.saturating_duration_since(at) < timeout / 4 => false,
+            _ => {
+                self.last_recorded = Some(now);
+                true
+            }
+        }
+    }
+
+    pub(crate) fn state(&self) -> State {
+        self.state
+    }
+
+    /// How long the current phase has lasted.
+    pub(crate) fn phase_age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.since)
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    fn set(&mut self, state: State, now: Instant) {
+        self.state = state;
+        self.since = now;
+    }
+
+    /// A request wants the machine.
+    pub(crate) fn admit(&mut self, now: Instant) -> Admit {
+        if let State::Running(ep) = self.state {
+            if !self.suspect {
+                self.in_flight += 1;
+                self.last_active = now;
+                return Admit::Ready(ep);
+            }
+        }
+        if self.pending >= self.limits.max_pending {
+            return Admit::Reject(Reject::Overloaded { max_pending: self.limits.max_pending });
+        }
+        let mut action = Action::None;
+        if self.state == State::Absent {
+            if let (Some(until), Some(error)) = (self.backoff_until, &self.last_failure) {
+                if until > now {
+                    return Admit::Reject(Reject::BackingOff {
+                        error: error.clone(),
+                        retry_after: until - now,
+                    });
+                }
+            }
+            self.set(State::Creating, now);
+            action = Action::Start;
+        }
+        self.pending += 1;
+        Admit::Wait { ticket: Ticket { failures: self.failures }, action }
+    }
+
+    /// A waiter looks at the state after being woken.
+    pub(crate) fn claim(&mut self, ticket: Ticket, now: Instant) -> Claim {
+        if self.failures > ticket.failures {
+            self.pending -= 1;
+            let error = self.last_failure.clone().expect("a failure count implies an error");
+            let retry_after = self.backoff_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+            return Claim::Failed { error, retry_after };
+        }
+        match self.state {
+            State::Running(ep) if !self.suspect => {
+                self.pending -= 1;
+                self.in_flight += 1;
+                self.last_active = now;
+                Claim::Ready(ep)
+            }
+            _ => Claim::Wait,
+        }
+    }
+
+    /// A waiter gave up (deadline passed, or its client went away).
+    pub(crate) fn abandon(&mut self) {
+        self.pending -= 1;
+    }
+
+    /// The start task finished: the machine runs and answered its readiness probe.
+    pub(crate) fn start_succeeded(&mut self, ep: Endpoint, now: Instant) -> Action {
+        debug_assert_eq!(self.state, State::Creating);
+        self.set(State::Running(ep), now);
+        self.generation += 1;
+        self.last_active = now;
+        self.consecutive_failures = 0;
+        self.backoff_until = None;
+        self.suspect = false;
+        if std::mem::take(&mut self.stop_after_start) {
+            return self.begin_stop(now);
+        }
+        Action::None
+    }
+
+    /// The start task failed: every waiter gets the error, and starts back off.
+    pub(crate) fn start_failed(&mut self, error: Arc<BoxError>, now: Instant) {
+        debug_assert_eq!(self.state, State::Creating);
+        self.set(State::Absent, now);
+        self.failures += 1;
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.last_failure = Some(error);
+        self.stop_after_start = false;
+        let exp = self.consecutive_failures.saturating_sub(1).min(16);
+        let backoff = self.limits.start_backoff.saturating_mul(1 << exp).min(self.limits.max_start_backoff);
+        self.backoff_until = Some(now + backoff);
+    }
+
+    /// A request's response (or upgraded connection) ended.
+    pub(crate) fn release(&mut self, now: Instant) -> Action {
+        self.in_flight -= 1;
+        self.last_active = now;
+        if self.state == State::Stopping && !self.stop_issued && self.in_flight == 0 {
+            self.stop_issued = true;
+            return Action::Stop;
+        }
+        Action::None
+    }
+
+    /// When the idle loop should act.
+    pub(crate) fn idle(&self, now: Instant) -> Idle {
+        let (State::Running(_), Some(timeout)) = (self.state, self.limits.idle_timeout) else {
+            return Idle::Never;
+        };
+        let deadline = self.last_active + timeout;
+        if self.in_flight == 0 && self.pending == 0 && !self.suspect && now >= deadline {
+            Idle::Due
+        } else if now >= deadline {
+            // Busy now; a release moves last_active, so look again a full period later.
+            Idle::At(now + timeout)
+        } else {
+            Idle::At(deadline)
+        }
+    }
+
+    /// Another replica is still using the machine: count that as activity here.
+    pub(crate) fn touch(&mut self, now: Instant) {
+        self.last_active = now;
+    }
+
+    /// Take the machine down: now if nothing is in flight, else when the last request ends.
+    /// During a start, the stop happens once the start is done.
+    pub(crate) fn begin_stop(&mut self, now: Instant) -> Action {
+        match self.state {
+            State::Running(ep) => {
+                self.set(State::Stopping, now);
+                self.suspect = false;
+                self.stopping_endpoint = Some(ep);
+                self.stop_issued = self.in_flight == 0;
+                if self.stop_issued {
+                    Action::Stop
+                } else {
+                    Action::None
+                }
+            }
+            State::Creating => {
+                self.stop_after_start = true;
+                Action::None
+            }
+            State::Absent | State::Stopping => Action::None,
+        }
+    }
+
+    /// The backend's stop returned. Requests that arrived meanwhile start the machine again.
+    pub(crate) fn stop_done(&mut self, now: Instant) -> Action {
+        debug_assert_eq!(self.state, State::Stopping);
+        self.stop_issued = false;
+        self.stopping_endpoint = None;
+        self.set(State::Absent, now);
+        self.restart_if_wanted(now)
+    }
+
+    /// The backend's stop failed: the machine is presumably still up, so keep using it and
+    /// try again after another idle period.
+    pub(crate) fn stop_failed(&mut self, now: Instant) -> Action {
+        self.stop_issued = false;
+        match self.stopping_endpoint.take() {
+            Some(ep) => {
+                self.set(State::Running(ep), now);
+                self.last_active = now;
+                Action::None
+            }
+            None => {
+                self.set(State::Absent, now);
+                self.restart_if_wanted(now)
+            }
+        }
+    }
+
+    /// A connect error at `ep`: returns true for the first report, whose caller asks the backend
+    /// for the machine's status while every other request waits for the answer.
+    pub(crate) fn suspect(&mut self, ep: Endpoint) -> bool {
+        if self.state == State::Running(ep) && !self.suspect {
+            self.suspect = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The status check after [`suspect`](Machine::suspect) or a periodic one found the machine
+    /// still running at `ep`.
+    pub(crate) fn alive(&mut self, ep: Endpoint) {
+        if self.state == State::Running(ep) {
+            self.suspect = false;
+        }
+    }
+
+    /// The machine at `ep` is gone (preempted, deleted, exited): forget it; the next request, or a
+    /// waiting one, starts it again.
+    pub(crate) fn gone(&mut self, ep: Endpoint, now: Instant) -> Action {
+        if self.state != State::Running(ep) {
+            return Action::None;
+        }
+        self.suspect = false;
+        self.set(State::Absent, now);
+        self.restart_if_wanted(now)
+    }
+
+    fn restart_if_wanted(&mut self, now: Instant) -> Action {
+        if self.pending > 0 {
+            self.set(State::Creating, now);
+            Action::Start
+        } else {
+            Action::None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn activity_reports_are_throttled() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        assert!(!m.activity_report_due(t), "nothing to report while absent");
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        assert!(m.activity_report_due(t));
+        assert!(!m.activity_report_due(t + Duration::from_secs(14)));
+        assert!(m.activity_report_due(t + Duration::from_secs(15)));
+    }
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_pending: 3,
+            idle_timeout: Some(Duration::from_secs(60)),
+            start_backoff: Duration::from_secs(1),
+            max_start_backoff: Duration::from_secs(8),
+        }
+    }
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::new(([127, 0, 0, 1], port).into())
+    }
+
+    fn err(msg: &str) -> Arc<BoxError> {
+        Arc::new(msg.into())
+    }
+
+    fn wait(admit: Admit) -> (Ticket, Action) {
+        match admit {
+            Admit::Wait { ticket, action } => (ticket, action),
+            other => panic!("expected Wait, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_request_starts_and_later_ones_coalesce() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, act) = wait(m.admit(t));
+        assert_eq!(act, Action::Start);
+        let (b, act) = wait(m.admit(t));
+        assert_eq!(act, Action::None, "a second request must not start the machine again");
+        assert_eq!(m.state(), State::Creating);
+        assert!(matches!(m.claim(a, t), Claim::Wait));
+        assert_eq!(m.start_succeeded(ep(1), t), Action::None);
+        assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(1)));
+        assert!(matches!(m.claim(b, t), Claim::Ready(e) if e == ep(1)));
+        assert_eq!((m.pending(), m.in_flight()), (0, 2));
+        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert_eq!(m.in_flight(), 3);
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        for _ in 0..3 {
+            wait(m.admit(t));
+        }
+        assert!(matches!(m.admit(t), Admit::Reject(Reject::Overloaded { max_pending: 3 })));
+        m.abandon();
+        wait(m.admit(t));
+    }
+
+    #[test]
+    fn failed_start_fails_every_waiter_then_backs_off_exponentially() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, _) = wait(m.admit(t));
+        let (b, _) = wait(m.admit(t));
+        m.start_failed(err("boom"), t);
+        assert_eq!(m.state(), State::Absent);
+        for ticket in [a, b] {
+            match m.claim(ticket, t) {
+                Claim::Failed { error, retry_after } => {
+                    assert_eq!(error.to_string(), "boom");
+                    assert_eq!(retry_after, Duration::from_secs(1));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(m.pending(), 0);
+        // During the back-off: refused at once with the reason.
+        match m.admit(t + Duration::from_millis(500)) {
+            Admit::Reject(Reject::BackingOff { error, retry_after }) => {
+                assert_eq!(error.to_string(), "boom");
+                assert_eq!(retry_after, Duration::from_millis(500));
+            }
+            other => panic!("{other:?}"),
+        }
+        // After it: a new start.
+        let t2 = t + Duration::from_secs(1);
+        let (c, act) = wait(m.admit(t2));
+        assert_eq!(act, Action::Start);
+        m.start_failed(err("boom again"), t2);
+        assert!(matches!(m.claim(c, t2), Claim::Failed { retry_after, .. } if retry_after == Duration::from_secs(2)));
+        // A success resets the back-off.
+        let t3 = t2 + Duration::from_secs(2);
+        let (d, act) = wait(m.admit(t3));
+        assert_eq!(act, Action::Start);
+        let _ = m.start_succeeded(ep(2), t3);
+        assert!(matches!(m.claim(d, t3), Claim::Ready(_)));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let mut now = t;
+        for _ in 0..10 {
+            let (_, act) = wait(m.admit(now));
+            assert_eq!(act, Action::Start);
+            m.start_failed(err("x"), now);
+            m.abandon();
+            now += Duration::from_secs(8);
+        }
+        match m.admit(now - Duration::from_secs(8)) {
+            Admit::Reject(Reject::BackingOff { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(8)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waiter_does_not_see_failures_from_before_it_arrived() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        m.start_failed(err("old"), t);
+        m.abandon();
+        let later = t + Duration::from_secs(5);
+        let (a, act) = wait(m.admit(later));
+        assert_eq!(act, Action::Start);
+        assert!(matches!(m.claim(a, later), Claim::Wait));
+    }
+
+    #[test]
+    fn idle_stop_only_with_nothing_in_flight() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, _) = wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        assert!(matches!(m.claim(a, t), Claim::Ready(_)));
+        let later = t + Duration::from_secs(61);
+        assert_eq!(m.idle(later), Idle::At(later + Duration::from_secs(60)), "in flight: not idle");
+        assert_eq!(m.release(later), Action::None);
+        assert_eq!(m.idle(later), Idle::At(later + Duration::from_secs(60)));
+        let due = later + Duration::from_secs(60);
+        assert_eq!(m.idle(due), Idle::Due);
+        assert_eq!(m.begin_stop(due), Action::Stop);
+        assert_eq!(m.state(), State::Stopping);
+        assert_eq!(m.idle(due), Idle::Never);
+        assert_eq!(m.stop_done(due), Action::None);
+        assert_eq!(m.state(), State::Absent);
+    }
+
+    #[test]
+    fn idle_can_be_disabled() {
+        let t = Instant::now();
+        let mut m = Machine::new(Limits { idle_timeout: None, ..limits() }, t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert_eq!(m.idle(t + Duration::from_secs(1 << 30)), Idle::Never);
+    }
+
+    #[test]
+    fn request_during_stopping_waits_and_restarts() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert_eq!(m.begin_stop(t), Action::Stop);
+        let (a, act) = wait(m.admit(t));
+        assert_eq!(act, Action::None, "no start while the stop is in flight");
+        assert!(matches!(m.claim(a, t), Claim::Wait));
+        assert_eq!(m.stop_done(t), Action::Start);
+        assert_eq!(m.state(), State::Creating);
+        let _ = m.start_succeeded(ep(2), t);
+        assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(2)));
+    }
+
+    #[test]
+    fn explicit_stop_waits_for_in_flight() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        assert!(matches!(m.admit(t), Admit::Wait { .. }));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert_eq!(m.begin_stop(t), Action::None, "one request in flight");
+        assert_eq!(m.release(t), Action::Stop);
+        assert_eq!(m.stop_done(t), Action::None);
+    }
+
+    #[test]
+    fn stop_during_start_happens_after_it() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        m.abandon();
+        assert_eq!(m.begin_stop(t), Action::None);
+        assert_eq!(m.start_succeeded(ep(1), t), Action::Stop);
+        assert_eq!(m.state(), State::Stopping);
+    }
+
+    #[test]
+    fn failed_stop_keeps_the_machine() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert_eq!(m.begin_stop(t), Action::Stop);
+        assert_eq!(m.stop_failed(t), Action::None);
+        assert_eq!(m.state(), State::Running(ep(1)));
+    }
+
+    #[test]
+    fn connect_error_is_checked_once_and_gone_restarts_for_waiters() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert!(m.suspect(ep(1)));
+        assert!(!m.suspect(ep(1)), "one status check per incident");
+        // While suspect, requests wait instead of hitting the dead endpoint.
+        let (a, act) = wait(m.admit(t));
+        assert_eq!(act, Action::None);
+        assert_eq!(m.idle(t + Duration::from_secs(3600)), Idle::At(t + Duration::from_secs(3660)));
+        assert_eq!(m.gone(ep(1), t), Action::Start);
+        let _ = m.start_succeeded(ep(2), t);
+        assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(2)));
+        // A stale report about the old endpoint changes nothing.
+        assert!(!m.suspect(ep(1)));
+        assert_eq!(m.gone(ep(1), t), Action::None);
+    }
+
+    #[test]
+    fn alive_check_clears_suspicion() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert!(m.suspect(ep(1)));
+        let (a, _) = wait(m.admit(t));
+        m.alive(ep(1));
+        assert!(matches!(m.claim(a, t), Claim::Ready(_)));
+    }
+
+    #[test]
+    fn gone_with_nobody_waiting_just_goes_absent() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        wait(m.admit(t));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert_eq!(m.gone(ep(1), t), Action::None);
+        assert_eq!(m.state(), State::Absent);
+        let (_, act) = wait(m.admit(t));
+        assert_eq!(act, Action::Start, "no back-off after a machine went away");
+    }
+}

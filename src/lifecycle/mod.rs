@@ -1,0 +1,502 @@
+//! One machine's lifecycle — Absent → Creating → Running → Stopping — shared by every request
+//! for it, and the [`Handle`] to watch and steer it.
+//!
+//! The decisions live in a pure state machine (`machine.rs`); this module is its driver: it
+//! holds the machine behind a mutex that is never held across an `.await`, publishes every state
+//! on a `watch` channel that waiters subscribe to under the same lock, and runs the backend's
+//! start and stop in spawned tasks, so that a client that goes away cancels nothing but its own
+//! wait.
+//!
+//! # Example
+//!
+//! Pre-warm a machine, watch it, and take it down:
+//!
+//! ```
+//! use vmproxy::{backend::process::ProcessBackend, Route, State};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let backend = ProcessBackend::new(["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"])?;
+//! let route = Route::builder("/files", backend).health_path("/").build()?;
+//! let handle = route.handle();
+//! assert_eq!(handle.state(), State::Absent);
+//! # if std::process::Command::new("python3").arg("--version").output().is_ok() {
+//! let endpoint = handle.start().await?; // resolves once the health probe answers 2xx
+//! assert_eq!(handle.state(), State::Running(endpoint));
+//! handle.stop().await;
+//! assert_eq!(handle.state(), State::Absent);
+//! # }
+//! # Ok(())
+//! # }
+//! ```
+
+mod machine;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::backend::{Backend, Endpoint, Status};
+use crate::probe::{self, ProbeConfig};
+use crate::{BoxError, Error};
+
+pub use machine::State;
+pub(crate) use machine::Limits;
+use machine::{Action, Admit, Claim, Idle, Machine, Reject};
+
+/// Timings of one lifecycle besides the limits the state machine itself applies.
+#[derive(Clone, Debug)]
+pub(crate) struct Timings {
+    pub(crate) cold_start_timeout: Duration,
+    pub(crate) start_timeout: Duration,
+}
+
+pub(crate) struct Lifecycle {
+    name: Arc<str>,
+    backend: Arc<dyn Backend>,
+    machine: Mutex<Machine>,
+    tx: watch::Sender<State>,
+    timings: Timings,
+    probe: ProbeConfig,
+    idle_timeout: Option<Duration>,
+    /// Completed stops, so `Handle::stop` can wait for the one it asked for.
+    stops: AtomicU64,
+}
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle").field("name", &self.name).field("state", &*self.tx.borrow()).finish()
+    }
+}
+
+impl Lifecycle {
+    pub(crate) fn new(
+        name: Arc<str>,
+        backend: Arc<dyn Backend>,
+        limits: Limits,
+        timings: Timings,
+        probe: ProbeConfig,
+    ) -> Arc<Self> {
+        let idle_timeout = limits.idle_timeout;
+        Arc::new(Lifecycle {
+            name,
+            backend,
+            machine: Mutex::new(Machine::new(limits, Instant::now())),
+            tx: watch::Sender::new(State::Absent),
+            timings,
+            probe,
+            idle_timeout,
+            stops: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        // A panic while holding the lock cannot leave the counts half-updated in a way that is
+        // worse than refusing every request forever, so keep going with the inner value.
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one decision under the lock, logs a transition, and wakes every watcher.
+    fn decide<R>(&self, what: &str, f: impl FnOnce(&mut Machine, Instant) -> R) -> R {
+        let now = Instant::now();
+        let mut m = self.lock();
+        let before = m.state();
+        let age = m.phase_age(now);
+        let out = f(&mut m, now);
+        self.publish(&m, before, age, what);
+        out
+    }
+
+    /// Logs a transition and wakes every watcher; called with the lock held so that the order of
+    /// published states is the order of decisions.
+    fn publish(&self, m: &Machine, before: State, age: Duration, what: &str) {
+        let after = m.state();
+        if before != after {
+            match after {
+                State::Running(ep) => info!(
+                    machine = %self.name, from = before.name(), to = after.name(), %ep,
+                    took = ?age, "{what}"
+                ),
+                _ => info!(machine = %self.name, from = before.name(), to = after.name(), took = ?age, "{what}"),
+            }
+        }
+        // Always notify: waiters re-check under the lock, so a spurious wake-up is harmless
+        // and a missed one is not.
+        self.tx.send_replace(after);
+    }
+
+    fn act(self: &Arc<Self>, action: Action) {
+        match action {
+            Action::None => {}
+            Action::Start => {
+                tokio::spawn(self.clone().run_start());
+            }
+            Action::Stop => {
+                tokio::spawn(self.clone().run_stop());
+            }
+        }
+    }
+
+    /// Waits until the machine runs and counts the caller in flight until the lease drops.
+    pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Lease, Error> {
+        let (ticket, mut rx) = {
+            let now = Instant::now();
+            let mut m = self.lock();
+            let (before, age) = (m.state(), m.phase_age(now));
+            match m.admit(now) {
+                Admit::Ready(ep) => {
+                    let report = m.activity_report_due(now);
+                    drop(m);
+                    if report {
+                        self.report_activity();
+                    }
+                    return Ok(Lease { lifecycle: self.clone(), endpoint: ep });
+                }
+                Admit::Reject(Reject::Overloaded { max_pending }) => {
+                    return Err(Error::overloaded(&self.name, max_pending));
+                }
+                Admit::Reject(Reject::BackingOff { error, retry_after }) => {
+                    return Err(Error::start_failed(&self.name, error, retry_after));
+                }
+                Admit::Wait { ticket, action } => {
+                    // Subscribed under the lock that admitted us: no change can slip between.
+                    let rx = self.tx.subscribe();
+                    if action == Action::Start {
+                        self.publish(&m, before, age, "request arrived");
+                    }
+                    drop(m);
+                    self.act(action);
+                    (ticket, rx)
+                }
+            }
+        };
+        let mut waiting = Waiting { lifecycle: self, done: false };
+        let wait = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    unreachable!("the lifecycle owns the sender");
+                }
+                match self.lock().claim(ticket, Instant::now()) {
+                    Claim::Wait => continue,
+                    Claim::Ready(ep) => {
+                        waiting.done = true;
+                        return Ok(Lease { lifecycle: self.clone(), endpoint: ep });
+                    }
+                    Claim::Failed { error, retry_after } => {
+                        waiting.done = true;
+                        return Err(Error::start_failed(&self.name, error, retry_after));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.timings.cold_start_timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::cold_start_timeout(&self.name, self.timings.cold_start_timeout)),
+        }
+    }
+
+    fn report_activity(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.backend.record_activity().await {
+                warn!(machine = %this.name, error = %e, "could not record activity on the backend");
+            }
+        });
+    }
+
+    /// A connect error at `ep`: ask the backend, once per incident, whether the machine is
+    /// still there. Requests that arrive meanwhile wait for the answer.
+    pub(crate) fn unreachable(self: &Arc<Self>, ep: Endpoint) {
+        if !self.decide("connect error", |m, _| m.suspect(ep)) {
+            return;
+        }
+        warn!(machine = %self.name, %ep, "connect error; checking the machine's status");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let status = this.backend.status().await;
+            this.status_seen(ep, status);
+        });
+    }
+
+    /// Applies a status answer about the machine we think runs at `ep`.
+    fn status_seen(self: &Arc<Self>, ep: Endpoint, status: Result<Status, BoxError>) -> bool {
+        match status {
+            Ok(Status::Running(now_at)) if now_at == ep => {
+                self.decide("status: running", |m, _| m.alive(ep));
+                true
+            }
+            Ok(other) => {
+                warn!(machine = %self.name, %ep, status = ?other, "machine is no longer running");
+                let action = self.decide("machine gone", |m, now| m.gone(ep, now));
+                self.act(action);
+                false
+            }
+            Err(e) => {
+                warn!(machine = %self.name, error = %e, "status check failed; assuming the machine still runs");
+                self.decide("status unknown", |m, _| m.alive(ep));
+                true
+            }
+        }
+    }
+
+    fn run_start(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let outcome = match tokio::time::timeout(self.timings.start_timeout, self.start_and_probe()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!(
+                    "not ready within start_timeout ({})",
+                    humantime::format_duration(self.timings.start_timeout)
+                )
+                .into()),
+            };
+            match outcome {
+                Ok(ep) => {
+                    let action = self.decide("ready", |m, now| m.start_succeeded(ep, now));
+                    let generation = self.lock().generation();
+                    tokio::spawn(self.clone().watch_running(generation));
+                    self.act(action);
+                }
+                Err(error) => {
+                    warn!(machine = %self.name, %error, "start failed; stopping whatever was started");
+                    // Stop before reporting, so a retry after the back-off cannot race this cleanup.
+                    if let Err(e) = self.backend.stop().await {
+                        warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
+                    }
+                    self.decide("start failed", |m, now| m.start_failed(Arc::new(error), now));
+                }
+            }
+        }
+    }
+
+    async fn start_and_probe(&self) -> Result<Endpoint, BoxError> {
+        let ep = self.backend.start().await?;
+        info!(machine = %self.name, %ep, "backend reports running; probing readiness");
+        probe::wait_ready(ep, &self.probe, &*self.backend).await?;
+        Ok(ep)
+    }
+
+    fn run_stop(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let result = self.backend.stop().await;
+            let action = match result {
+                Ok(()) => self.decide("stopped", |m, now| m.stop_done(now)),
+                Err(e) => {
+                    warn!(machine = %self.name, error = %e, "stop failed; keeping the machine");
+                    let action = self.decide("stop failed", |m, now| m.stop_failed(now));
+                    if let State::Running(_) = self.state() {
+                        let generation = self.lock().generation();
+                        tokio::spawn(self.clone().watch_running(generation));
+                    }
+                    action
+                }
+            };
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            self.tx.send_modify(|_| {});
+            self.act(action);
+        }
+    }
+
+    /// While the machine runs: the idle deadline and the periodic status check.
+    fn watch_running(self: Arc<Self>, generation: u64) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let status_every = self.backend.status_interval();
+            let mut next_status = status_every.map(|every| Instant::now() + every);
+            loop {
+                let (idle, ep) = {
+                    let m = self.lock();
+                    let State::Running(ep) = m.state() else { return };
+                    if m.generation() != generation {
+                        return;
+                    }
+                    (m.idle(Instant::now()), ep)
+                };
+                if idle == Idle::Due {
+                    if self.idle_stop(generation).await {
+                        return;
+                    }
+                    continue;
+                }
+                let idle_at = match idle {
+                    Idle::At(at) => Some(at),
+                    _ => None,
+                };
+                let wake = match (idle_at, next_status) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (Some(a), None) | (None, Some(a)) => a,
+                    (None, None) => return,
+                };
+                tokio::time::sleep_until(wake).await;
+                if let (Some(at), Some(every)) = (next_status, status_every) {
+                    if Instant::now() >= at {
+                        next_status = Some(Instant::now() + every);
+                        let status = self.backend.status().await;
+                        if !self.status_seen(ep, status) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The idle deadline passed here. Returns true once the machine is being stopped.
+    async fn idle_stop(self: &Arc<Self>, generation: u64) -> bool {
+        let idle_timeout = self.idle_timeout.unwrap_or_default();
+        match self.backend.idle_everywhere(idle_timeout).await {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(machine = %self.name, "idle here, but in use elsewhere; keeping it");
+                self.decide("in use elsewhere", |m, now| m.touch(now));
+                return false;
+            }
+            Err(e) => {
+                warn!(machine = %self.name, error = %e, "could not tell whether the machine is idle elsewhere; keeping it");
+                self.decide("idle check failed", |m, now| m.touch(now));
+                return false;
+            }
+        }
+        let action = self.decide("idle", |m, now| {
+            if m.generation() == generation && m.idle(now) == Idle::Due {
+                m.begin_stop(now)
+            } else {
+                Action::None
+            }
+        });
+        if action == Action::Stop {
+            tokio::spawn(self.clone().run_stop());
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn state(&self) -> State {
+        *self.tx.borrow()
+    }
+}
+
+/// A waiter's registration; dropping it before it was served takes it off the pending count.
+struct Waiting<'a> {
+    lifecycle: &'a Lifecycle,
+    done: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.lifecycle.lock().abandon();
+        }
+    }
+}
+
+/// A request's claim on the running machine: counted in flight until dropped, which the proxy
+/// does when the response body ends or the upgraded connection closes.
+pub(crate) struct Lease {
+    lifecycle: Arc<Lifecycle>,
+    endpoint: Endpoint,
+}
+
+impl Lease {
+    pub(crate) fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    pub(crate) fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("endpoint", &self.endpoint).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let action = self.lifecycle.lock().release(Instant::now());
+        if action != Action::None {
+            self.lifecycle.decide("drained", |_, _| ());
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.lifecycle.act(action);
+            }
+        }
+    }
+}
+
+/// Watches and steers one machine: its state, a pre-warm, and a stop.
+///
+/// Cheap to clone; every clone refers to the same machine. See the [module docs](self) for an
+/// example.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl Handle {
+    pub(crate) fn new(lifecycle: Arc<Lifecycle>) -> Self {
+        Handle { lifecycle }
+    }
+
+    /// The machine's name (for logs).
+    pub fn name(&self) -> &str {
+        self.lifecycle.name()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.lifecycle.state()
+    }
+
+    /// Requests being served by the machine now (a streaming body or an upgraded connection
+    /// counts until it ends).
+    pub fn in_flight(&self) -> usize {
+        self.lifecycle.lock().in_flight()
+    }
+
+    /// Requests waiting for the machine to start.
+    pub fn pending(&self) -> usize {
+        self.lifecycle.lock().pending()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch(&self) -> watch::Receiver<State> {
+        self.lifecycle.tx.subscribe()
+    }
+
+    /// Starts the machine if it is not running (joining a start already in flight) and waits
+    /// until it is ready, within the route's `cold_start_timeout`.
+    pub async fn start(&self) -> Result<Endpoint, Error> {
+        let lease = self.lifecycle.acquire().await?;
+        Ok(lease.endpoint())
+    }
+
+    /// Takes the machine down now: requests in flight finish first; requests that arrive
+    /// meanwhile wait and start it again. Returns once the stop is done (at once if the machine
+    /// is not running).
+    pub async fn stop(&self) {
+        let lc = &self.lifecycle;
+        let mut rx = lc.tx.subscribe();
+        let before = lc.stops.load(Ordering::SeqCst);
+        let action = lc.decide("stop requested", |m, now| {
+            let state = m.state();
+            (m.begin_stop(now), state)
+        });
+        if action.1 == State::Absent {
+            return;
+        }
+        lc.act(action.0);
+        while lc.stops.load(Ordering::SeqCst) == before {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

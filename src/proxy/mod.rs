@@ -1,0 +1,125 @@
+//! Forwarding one request to a running machine: headers rewritten for the hop, bodies and
+//! trailers streamed both ways, `Upgrade` (WebSocket) connections spliced, and a request that met
+//! a vanished machine retried once on its next start.
+
+mod headers;
+mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+pub(crate) use pool::Pool;
+use pool::SendError;
+
+use crate::body::ProxiedBody;
+use crate::lifecycle::{Lease, Lifecycle};
+use crate::{BoxError, ClientAddr, Error};
+
+/// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
+/// response or a failure as a response.
+pub(crate) async fn forward<B>(lifecycle: Arc<Lifecycle>, pool: Arc<Pool>, mut req: Request<B>, target: PathAndQuery) -> Response<ProxiedBody>
+where
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let upgrade = headers::wants_upgrade(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let client = client_addr(req.extensions());
+    let (mut parts, body) = req.into_parts();
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let arrival = headers::Arrival {
+        client,
+        https: parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS),
+        version: parts.version,
+        authority: authority.as_deref(),
+    };
+    headers::for_backend(&mut parts.headers, &arrival, upgrade.as_ref().map(|(p, _)| p.clone()));
+    parts.uri = target.into();
+    parts.version = Version::HTTP_11;
+    let mut upstream = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+
+    let mut retried = false;
+    loop {
+        let lease = match lifecycle.acquire().await {
+            Ok(lease) => lease,
+            Err(e) => return error_response(&e),
+        };
+        let ep = lease.endpoint();
+        match pool.send(ep.addr(), upstream).await {
+            Ok(res) => return respond(res, lease, upgrade),
+            Err(SendError::Connect { error, request }) => {
+                debug!(machine = lifecycle.name(), %ep, %error, "connect error");
+                pool.clear();
+                lifecycle.unreachable(ep);
+                drop(lease);
+                if retried {
+                    return error_response(&Error::upstream(lifecycle.name(), error));
+                }
+                // Nothing of it was sent: wait for the status check (and a new start, if the
+                // machine is gone) and try once more.
+                retried = true;
+                upstream = request;
+            }
+            Err(SendError::Failed(error)) => {
+                return error_response(&Error::upstream(lifecycle.name(), error));
+            }
+        }
+    }
+}
+
+fn respond(
+    res: Response<hyper::body::Incoming>,
+    lease: Lease,
+    upgrade: Option<(http::HeaderValue, OnUpgrade)>,
+) -> Response<ProxiedBody> {
+    let (mut parts, body) = res.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some((protocol, client_side)) = upgrade {
+            let protocol = parts.headers.get(http::header::UPGRADE).cloned().unwrap_or(protocol);
+            let backend_side = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+            tokio::spawn(splice(client_side, backend_side, lease));
+            headers::for_client(&mut parts.headers, Some(protocol));
+            return Response::from_parts(parts, ProxiedBody::empty());
+        }
+    }
+    headers::for_client(&mut parts.headers, None);
+    Response::from_parts(parts, ProxiedBody::upstream(body, lease))
+}
+
+/// Copies bytes both ways until either side closes; the lease keeps the machine counted busy
+/// for as long as the upgraded connection lives.
+async fn splice(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
+    let name = lease.lifecycle().name().to_owned();
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(machine = %name, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((up, down)) => debug!(machine = %name, up, down, "upgraded connection closed"),
+        Err(e) => debug!(machine = %name, error = %e, "upgraded connection ended with an error"),
+    }
+    drop(lease);
+}
+
+pub(crate) fn error_response(e: &Error) -> Response<ProxiedBody> {
+    e.to_response(ProxiedBody::full)
+}
+
+/// The client's address, from our own extension or axum's `ConnectInfo`.
+fn client_addr(ext: &http::Extensions) -> Option<SocketAddr> {
+    ext.get::<ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0))
+}

@@ -1,0 +1,135 @@
+//! Keep-alive HTTP/1.1 connections to a machine, reused across requests.
+//!
+//! A small pool of our own rather than hyper-util's legacy client: the proxy must know whether a
+//! failed request was sent at all (a connect error, or a pooled connection that closed under
+//! us, hands the request back), so that it can be retried on the next start of the machine
+//! without having lost its body.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::BoxError;
+
+/// The body type sent upstream: whatever the client sent, boxed once.
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why a request did not get a response.
+pub(crate) enum SendError {
+    /// No connection could be made; the request was not sent and is handed back.
+    Connect { error: io::Error, request: Request<UpstreamBody> },
+    /// The request failed after (part of) it was sent.
+    Failed(hyper::Error),
+}
+
+struct Conn {
+    addr: SocketAddr,
+    tx: http1::SendRequest<UpstreamBody>,
+    idle_since: Instant,
+}
+
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Conn>>,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    max_idle: usize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout).finish()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(idle_timeout: Duration, connect_timeout: Duration) -> Self {
+        Pool { idle: Mutex::new(Vec::new()), idle_timeout, connect_timeout, max_idle: 1024 }
+    }
+
+    /// Sends `req` to `addr` on a pooled connection, or a new one.
+    pub(crate) async fn send(&self, addr: SocketAddr, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+        loop {
+            let (mut conn, reused) = match self.take(addr) {
+                Some(conn) => (conn, true),
+                None => match self.connect(addr).await {
+                    Ok(conn) => (conn, false),
+                    Err(error) => return Err(SendError::Connect { error, request: req }),
+                },
+            };
+            match conn.tx.try_send_request(req).await {
+                Ok(res) => {
+                    // Busy until the response body ends; `take` skips it until then.
+                    conn.idle_since = Instant::now();
+                    self.put(conn);
+                    return Ok(res);
+                }
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection the backend closed while idle: the request never left,
+                    // so another connection can take it.
+                    Some(back) if reused => {
+                        debug!(%addr, error = %e.error(), "pooled connection was closed; reconnecting");
+                        req = back;
+                    }
+                    _ => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn take(&self, addr: SocketAddr) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            let stale = c.addr != addr || c.tx.is_closed() || now.saturating_duration_since(c.idle_since) > self.idle_timeout;
+            if stale {
+                idle.swap_remove(i);
+            } else if c.tx.is_ready() {
+                return Some(idle.swap_remove(i));
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    /// Drops every pooled connection (the machine went away).
+    pub(crate) fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> io::Result<Conn> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%addr, error = %e, "backend connection ended with an error");
+            }
+        });
+        Ok(Conn { addr, tx, idle_since: Instant::now() })
+    }
+}

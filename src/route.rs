@@ -1,0 +1,289 @@
+//! One on-demand machine and the path prefixes it serves: [`Route`] and its builder.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use vmproxy::{backend::process::ProcessBackend, Route};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = ProcessBackend::new(["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"])?;
+//! let route = Route::builder("/files", backend)
+//!     .strip_prefix(true)
+//!     .health_path("/")
+//!     .idle_timeout(Some(Duration::from_secs(600)))
+//!     .build()?;
+//! assert_eq!(route.prefixes(), ["/files"]);
+//!
+//! // Bad input is refused when the route is built.
+//! let backend = ProcessBackend::new(["true"])?;
+//! let err = Route::builder("files", backend).build().unwrap_err();
+//! assert!(err.to_string().contains("prefix"));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::lifecycle::{Handle, Lifecycle, Limits, Timings};
+use crate::path;
+use crate::probe::ProbeConfig;
+use crate::proxy::Pool;
+
+/// One on-demand machine, the prefixes routed to it, and how its lifecycle is run.
+///
+/// Cheap to clone: clones share the machine, so a route used by two layers (or two routers)
+/// still starts one machine.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub(crate) prefixes: Arc<[String]>,
+    pub(crate) strip_prefix: bool,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) pool: Arc<Pool>,
+}
+
+impl Route {
+    /// Starts building a route that sends requests under `prefix` to `backend`.
+    pub fn builder(prefix: impl Into<String>, backend: impl Backend) -> RouteBuilder {
+        RouteBuilder::new(prefix.into(), Arc::new(backend))
+    }
+
+    /// The prefixes this route serves, in canonical form.
+    pub fn prefixes(&self) -> &[String] {
+        &self.prefixes
+    }
+
+    /// A handle on the route's machine: its state, a pre-warm, a stop.
+    pub fn handle(&self) -> Handle {
+        Handle::new(self.lifecycle.clone())
+    }
+}
+
+/// A route's configuration that cannot be used, found by [`RouteBuilder::build`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError { field, reason: reason.into() }
+    }
+
+    /// The setting that is wrong (`prefix`, `health_path`, `max_pending`…).
+    pub fn field(&self) -> &str {
+        self.field
+    }
+
+    /// Why it is wrong.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Builds a [`Route`]; every setting has a default fit for a VM behind a web front.
+#[derive(Clone)]
+#[must_use]
+pub struct RouteBuilder {
+    backend: Arc<dyn Backend>,
+    prefixes: Vec<String>,
+    name: Option<String>,
+    strip_prefix: bool,
+    health_path: Option<String>,
+    idle_timeout: Option<Duration>,
+    cold_start_timeout: Duration,
+    start_timeout: Duration,
+    max_pending: usize,
+    start_backoff: Duration,
+    max_start_backoff: Duration,
+    probe_initial: Duration,
+    probe_max: Duration,
+    probe_attempt_timeout: Duration,
+    pool_idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for RouteBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteBuilder")
+            .field("backend", &self.backend.name())
+            .field("prefixes", &self.prefixes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteBuilder {
+    fn new(prefix: String, backend: Arc<dyn Backend>) -> Self {
+        RouteBuilder {
+            backend,
+            prefixes: vec![prefix],
+            name: None,
+            strip_prefix: false,
+            health_path: None,
+            idle_timeout: Some(Duration::from_secs(600)),
+            cold_start_timeout: Duration::from_secs(300),
+            start_timeout: Duration::from_secs(600),
+            max_pending: 10_000,
+            start_backoff: Duration::from_secs(1),
+            max_start_backoff: Duration::from_secs(60),
+            probe_initial: Duration::from_millis(25),
+            probe_max: Duration::from_millis(150),
+            probe_attempt_timeout: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Another prefix served by the same machine.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefixes.push(prefix.into());
+        self
+    }
+
+    /// The machine's name in logs and error messages (default: the backend's name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Forward `/app/x` as `/x` (default: as `/app/x`).
+    pub fn strip_prefix(mut self, strip: bool) -> Self {
+        self.strip_prefix = strip;
+        self
+    }
+
+    /// The path probed with `GET` until it answers 2xx (default: the first prefix, or `/` when
+    /// the prefix is stripped).
+    pub fn health_path(mut self, path: impl Into<String>) -> Self {
+        self.health_path = Some(path.into());
+        self
+    }
+
+    /// Stop the machine after this long with no request in flight; `None` keeps it running
+    /// (default: 10 minutes).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long one request waits for a cold start before it gets 504; the start goes on for
+    /// the next request (default: 5 minutes).
+    pub fn cold_start_timeout(mut self, timeout: Duration) -> Self {
+        self.cold_start_timeout = timeout;
+        self
+    }
+
+    /// How long a start (backend start plus readiness) may take before it is given up, the
+    /// machine stopped, and the waiters answered 503 (default: 10 minutes).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// How many requests may wait for a start; more get 503 at once (default: 10,000).
+    pub fn max_pending(mut self, max: usize) -> Self {
+        self.max_pending = max;
+        self
+    }
+
+    /// The pause after a failed start before the next one, doubled after each further failure
+    /// up to `max` (default: 1 s, up to 60 s). Requests in the pause get 503 with the reason.
+    pub fn start_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.start_backoff = first;
+        self.max_start_backoff = max;
+        self
+    }
+
+    /// The readiness probe's first gap and its cap (default: 25 ms growing ×1.5 to 150 ms).
+    pub fn probe_interval(mut self, initial: Duration, max: Duration) -> Self {
+        self.probe_initial = initial;
+        self.probe_max = max;
+        self
+    }
+
+    /// How long an idle keep-alive connection to the machine is reused; keep it below the
+    /// backend's own keep-alive timeout (default: 30 s).
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_idle_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for a TCP connection to the machine (default: 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and builds the route. Needs no runtime and does no I/O.
+    pub fn build(self) -> Result<Route, ConfigError> {
+        let mut prefixes = Vec::with_capacity(self.prefixes.len());
+        for p in &self.prefixes {
+            let canonical = path::canonical_prefix(p).map_err(|e| ConfigError::new("prefix", format!("{p:?} {e}")))?;
+            prefixes.push(canonical);
+        }
+        let health_path = match self.health_path {
+            Some(p) => p,
+            None if self.strip_prefix => "/".to_owned(),
+            None => prefixes[0].clone(),
+        };
+        if !health_path.starts_with('/') || http::uri::PathAndQuery::try_from(health_path.as_str()).is_err() {
+            return Err(ConfigError::new("health_path", format!("{health_path:?} must be a path starting with '/'")));
+        }
+        if self.max_pending == 0 {
+            return Err(ConfigError::new("max_pending", "must be at least 1"));
+        }
+        for (field, d) in [
+            ("cold_start_timeout", self.cold_start_timeout),
+            ("start_timeout", self.start_timeout),
+            ("probe_interval", self.probe_initial),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(field, "must be more than zero"));
+            }
+        }
+        if self.probe_max < self.probe_initial {
+            return Err(ConfigError::new("probe_interval", "the cap is below the first gap"));
+        }
+        if self.max_start_backoff < self.start_backoff {
+            return Err(ConfigError::new("start_backoff", "the cap is below the first pause"));
+        }
+        let idle_timeout = self.idle_timeout.filter(|d| !d.is_zero());
+        let name: Arc<str> = self.name.unwrap_or_else(|| self.backend.name().to_owned()).into();
+        let lifecycle = Lifecycle::new(
+            name,
+            self.backend,
+            Limits {
+                max_pending: self.max_pending,
+                idle_timeout,
+                start_backoff: self.start_backoff,
+                max_start_backoff: self.max_start_backoff,
+            },
+            Timings { cold_start_timeout: self.cold_start_timeout, start_timeout: self.start_timeout },
+            ProbeConfig {
+                path: health_path,
+                initial: self.probe_initial,
+                max: self.probe_max,
+                attempt_timeout: self.probe_attempt_timeout,
+            },
+        );
+        Ok(Route {
+            prefixes: prefixes.into(),
+            strip_prefix: self.strip_prefix,
+            lifecycle,
+            pool: Arc::new(Pool::new(self.pool_idle_timeout, self.connect_timeout)),
+        })
+    }
+}
