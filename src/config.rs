@@ -1,1 +1,335 @@
-//! placeholder
+//! The `vmproxy` binary's configuration file: TOML, checked key by key.
+//!
+//! Every problem is reported with the key's path and the reason (`route[0].idle_timeout:
+//! invalid duration "10x"…`), and unknown keys are errors, so a typo never silently falls
+//! back to a default.
+//!
+//! # Example
+//!
+//! ```
+//! use vmproxy::config::Config;
+//!
+//! let config = Config::parse(r#"
+//!     listen = "127.0.0.1:8080"
+//!
+//!     [[route]]
+//!     path = "/app"
+//!     idle_timeout = "10m"
+//!
+//!     [route.process]
+//!     command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+//! "#).unwrap();
+//! assert_eq!(config.listen.port(), 8080);
+//! let layer = config.layer().unwrap();
+//! assert_eq!(layer.routes()[0].prefixes(), ["/app"]);
+//!
+//! let err = Config::parse("listen = \"127.0.0.1:8080\"\nidle = 3\n").unwrap_err();
+//! assert!(err.to_string().contains("idle"));
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::backend::process::ProcessBackend;
+use crate::{Route, RouteBuilder, VmProxyLayer};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The address to serve on.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// How long in-flight requests may run after SIGTERM or Ctrl-C (default 30 s).
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// The routes, matched in order.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[route]]`: a path prefix and its machine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The prefix, matched per segment.
+    pub path: String,
+    /// More prefixes served by the same machine.
+    #[serde(default)]
+    pub also: Vec<String>,
+    /// The machine's name in logs (default: the backend's).
+    pub name: Option<String>,
+    /// Forward `/app/x` as `/x`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// The readiness probe's path (default: the route's path, or `/` when stripped).
+    pub health_path: Option<String>,
+    /// Idle time before the machine is stopped; "0s" disables it (default "10m").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// How long a request waits for a cold start before 504 (default "5m").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub cold_start_timeout: Option<Duration>,
+    /// How long a start may take before it is given up (default "10m").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub start_timeout: Option<Duration>,
+    /// How many requests may wait for a start (default 10000).
+    pub max_pending: Option<usize>,
+    /// A local command as the machine.
+    pub process: Option<ProcessConfig>,
+    /// A Compute Engine VM as the machine.
+    #[cfg(feature = "gce")]
+    pub gce: Option<crate::backend::gce::GceConfig>,
+}
+
+/// `[route.process]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Program and arguments; `{port}` is replaced by the port to listen on at 127.0.0.1.
+    pub command: Vec<String>,
+    /// Time between SIGTERM and SIGKILL (default "10s").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub stop_grace: Option<Duration>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+}
+
+/// A problem with the file: where it is and why.
+#[derive(Debug)]
+pub struct ConfigFileError {
+    file: Option<PathBuf>,
+    key: String,
+    reason: String,
+}
+
+impl ConfigFileError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigFileError { file: None, key: key.into(), reason: reason.into() }
+    }
+
+    /// The key's path in the file, e.g. `route[0].idle_timeout` (empty for a syntax error).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn in_file(mut self, file: &Path) -> Self {
+        self.file = Some(file.to_owned());
+        self
+    }
+}
+
+impl fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for ConfigFileError {}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigFileError::new("", format!("cannot read: {e}")).in_file(path))?;
+        Config::parse(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and checks the text of a file.
+    pub fn parse(text: &str) -> Result<Config, ConfigFileError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            // toml's message carries the line and a caret under the bad value.
+            ConfigFileError::new(key, e.into_inner().to_string().trim_end().to_owned())
+        })?;
+        config.layer()?;
+        Ok(config)
+    }
+
+    /// Builds the layer that serves the file's routes.
+    pub fn layer(&self) -> Result<VmProxyLayer, ConfigFileError> {
+        let routes = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.route().map_err(|(key, reason)| ConfigFileError::new(format!("route[{i}]{key}"), reason)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmProxyLayer::from_routes(routes))
+    }
+}
+
+impl RouteConfig {
+    fn route(&self) -> Result<Route, (String, String)> {
+        let mut builder = self.builder()?;
+        for p in &self.also {
+            builder = builder.prefix(p.clone());
+        }
+        if let Some(name) = &self.name {
+            builder = builder.name(name.clone());
+        }
+        builder = builder.strip_prefix(self.strip_prefix);
+        if let Some(p) = &self.health_path {
+            builder = builder.health_path(p.clone());
+        }
+        if let Some(d) = self.idle_timeout {
+            builder = builder.idle_timeout((!d.is_zero()).then_some(d));
+        }
+        if let Some(d) = self.cold_start_timeout {
+            builder = builder.cold_start_timeout(d);
+        }
+        if let Some(d) = self.start_timeout {
+            builder = builder.start_timeout(d);
+        }
+        if let Some(n) = self.max_pending {
+            builder = builder.max_pending(n);
+        }
+        builder.build().map_err(|e| {
+            let key = match e.field() {
+                "prefix" => "path",
+                other => other,
+            };
+            (format!(".{key}"), e.reason().to_owned())
+        })
+    }
+
+    fn builder(&self) -> Result<RouteBuilder, (String, String)> {
+        #[cfg(feature = "gce")]
+        let gce = self.gce.as_ref();
+        #[cfg(not(feature = "gce"))]
+        let gce: Option<&()> = None;
+        match (&self.process, gce) {
+            (Some(p), None) => {
+                let mut backend = ProcessBackend::new(p.command.iter().cloned())
+                    .map_err(|e| (format!(".process.{}", e.field()), e.reason().to_owned()))?;
+                if let Some(grace) = p.stop_grace {
+                    backend = backend.stop_grace(grace);
+                }
+                for (k, v) in &p.env {
+                    backend = backend.env(k.clone(), v.clone());
+                }
+                if let Some(dir) = &p.cwd {
+                    backend = backend.current_dir(dir.clone());
+                }
+                Ok(Route::builder(self.path.clone(), backend))
+            }
+            #[cfg(feature = "gce")]
+            (None, Some(g)) => {
+                let backend = g
+                    .clone()
+                    .into_backend()
+                    .map_err(|e| (format!(".gce.{}", e.field()), e.reason().to_owned()))?;
+                Ok(Route::builder(self.path.clone(), backend))
+            }
+            (Some(_), Some(_)) => Err((String::new(), "has both [route.process] and [route.gce]; pick one".into())),
+            (None, None) => Err((String::new(), "needs a backend table: [route.process] or [route.gce]".into())),
+        }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?} ({e}); write it like \"250ms\", \"30s\" or \"10m\""))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:8080"
+
+[[route]]
+path = "/app"
+strip_prefix = false
+health_path = "/healthz"
+idle_timeout = "10m"
+cold_start_timeout = "5m"
+max_pending = 10000
+
+[route.process]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+stop_grace = "10s"
+"#;
+
+    fn err(text: &str) -> ConfigFileError {
+        Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(c.routes[0].process.as_ref().unwrap().stop_grace, Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&GOOD.replace("idle_timeout = \"10m\"", "idle_timeout = \"10x\""));
+        assert_eq!(e.key(), "route[0].idle_timeout", "{e}");
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+
+        let e = err(&GOOD.replace("strip_prefix", "strip_prefixx"));
+        assert_eq!(e.key(), "route[0].strip_prefixx", "{e}");
+        assert!(e.to_string().contains("strip_prefixx"), "{e}");
+
+        let e = err(&GOOD.replace("\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\"", ""));
+        assert_eq!(e.key(), "route[0].process.command", "{e}");
+
+        let e = err(&GOOD.replace("127.0.0.1:8080", "localhost:99999"));
+        assert_eq!(e.key(), "listen", "{e}");
+
+        let e = err(&GOOD.replace("path = \"/app\"", "path = \"app\""));
+        assert_eq!(e.key(), "route[0].path", "{e}");
+
+        let e = err(&GOOD.replace("max_pending = 10000", "max_pending = 0"));
+        assert_eq!(e.key(), "route[0].max_pending", "{e}");
+
+        let e = err("listen = \"127.0.0.1:1\"\n[[route]]\npath = \"/a\"\n");
+        assert_eq!(e.key(), "route[0]", "{e}");
+
+        let e = err("listen = [");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn zero_idle_disables_scale_to_zero() {
+        let c = Config::parse(&GOOD.replace("\"10m\"", "\"0s\"")).unwrap();
+        assert_eq!(c.routes[0].idle_timeout, Some(Duration::ZERO));
+        c.layer().unwrap();
+    }
+}

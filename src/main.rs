@@ -1,1 +1,185 @@
-fn main() {}
+//! `vmproxy --config FILE.toml`: serves the file's routes, each to an on-demand machine.
+//! `vmproxy emulate --listen ADDR` (feature `emulator`): a loopback Compute Engine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::http::{StatusCode, Uri};
+use axum::Router;
+use tracing::{error, info, warn};
+use vmproxy::config::Config;
+
+const USAGE: &str = "\
+usage: vmproxy --config FILE.toml [--check]
+       vmproxy emulate --listen 127.0.0.1:8085 [OPTIONS]   (cargo feature `emulator`)
+
+  --config FILE   serve the routes of FILE (see the README for the keys)
+  --check         only check the file, then exit (0: good, 2: bad)
+  -h, --help      this text
+  -V, --version   the version
+
+Logs go to stderr; RUST_LOG sets the filter (default: info).";
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> ExitCode {
+    if args.first().map(String::as_str) == Some("emulate") {
+        return emulate(&args[1..]).await;
+    }
+    let mut config = None;
+    let mut check = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("vmproxy {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--check" => check = true,
+            "--config" | "-c" => match it.next() {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => return usage_error("--config needs a file"),
+            },
+            other => match other.strip_prefix("--config=") {
+                Some(path) => config = Some(PathBuf::from(path)),
+                None => return usage_error(&format!("unknown argument {other:?}")),
+            },
+        }
+    }
+    let Some(path) = config else {
+        return usage_error("--config FILE is required");
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("{}: ok ({} routes)", path.display(), config.routes.len());
+        return ExitCode::SUCCESS;
+    }
+    serve(config, &path).await
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("vmproxy: {msg}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
+    let layer = match config.layer() {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("vmproxy: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmproxy: {}: listen: cannot listen on {}: {e}", path.display(), config.listen);
+            return ExitCode::from(2);
+        }
+    };
+    let addr = listener.local_addr().map_or(config.listen, |a| a);
+    let handles: Vec<_> = layer.routes().iter().map(|r| r.handle()).collect();
+    for r in layer.routes() {
+        info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
+    }
+    let app = Router::new().fallback(not_found).layer(layer);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    info!(%addr, "listening");
+
+    shutdown_signal().await;
+    info!(grace = ?config.shutdown_grace, "shutting down: no new connections; waiting for requests in flight");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "server error"),
+        Ok(Err(e)) => error!(error = %e, "server task failed"),
+        Err(_) => warn!("requests still in flight after the grace period; closing them"),
+    }
+    for handle in handles {
+        info!(machine = handle.name(), "stopping");
+        if tokio::time::timeout(Duration::from_secs(120), handle.stop()).await.is_err() {
+            warn!(machine = handle.name(), "stop did not finish within 120s");
+        }
+    }
+    info!("bye");
+    ExitCode::SUCCESS
+}
+
+async fn not_found(uri: Uri) -> (StatusCode, String) {
+    (StatusCode::NOT_FOUND, format!("no route for {}\n", uri.path()))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(feature = "emulator")]
+async fn emulate(args: &[String]) -> ExitCode {
+    match vmproxy::emulator::run_cli(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmproxy emulate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(not(feature = "emulator"))]
+async fn emulate(_args: &[String]) -> ExitCode {
+    eprintln!("vmproxy: this build has no emulator; run it with `cargo run --features emulator -- emulate --listen 127.0.0.1:8085`");
+    ExitCode::from(2)
+}

@@ -405,7 +405,7 @@ mod tests {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
         assert!(!m.activity_report_due(t), "nothing to report while absent");
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         assert!(m.activity_report_due(t));
         assert!(!m.activity_report_due(t + Duration::from_secs(14)));
@@ -461,11 +461,11 @@ mod tests {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
         for _ in 0..3 {
-            wait(m.admit(t));
+            let _ = wait(m.admit(t));
         }
         assert!(matches!(m.admit(t), Admit::Reject(Reject::Overloaded { max_pending: 3 })));
         m.abandon();
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
     }
 
     #[test]
@@ -530,7 +530,7 @@ mod tests {
     fn a_waiter_does_not_see_failures_from_before_it_arrived() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         m.start_failed(err("old"), t);
         m.abandon();
         let later = t + Duration::from_secs(5);
@@ -563,7 +563,7 @@ mod tests {
     fn idle_can_be_disabled() {
         let t = Instant::now();
         let mut m = Machine::new(Limits { idle_timeout: None, ..limits() }, t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.idle(t + Duration::from_secs(1 << 30)), Idle::Never);
@@ -573,7 +573,7 @@ mod tests {
     fn request_during_stopping_waits_and_restarts() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::Stop);
@@ -603,7 +603,7 @@ mod tests {
     fn stop_during_start_happens_after_it() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::None);
         assert_eq!(m.start_succeeded(ep(1), t), Action::Stop);
@@ -614,7 +614,7 @@ mod tests {
     fn failed_stop_keeps_the_machine() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::Stop);
@@ -626,7 +626,7 @@ mod tests {
     fn connect_error_is_checked_once_and_gone_restarts_for_waiters() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert!(m.suspect(ep(1)));
@@ -647,7 +647,7 @@ mod tests {
     fn alive_check_clears_suspicion() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert!(m.suspect(ep(1)));
@@ -660,7 +660,7 @@ mod tests {
     fn gone_with_nobody_waiting_just_goes_absent() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        wait(m.admit(t));
+        let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.gone(ep(1), t), Action::None);

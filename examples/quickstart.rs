@@ -1,0 +1,77 @@
+//! Quickstart: an always-on axum front, and `/app` served by an on-demand machine.
+//!
+//! ```text
+//! cargo run --example quickstart
+//! curl http://127.0.0.1:3000/          # answered by the front itself
+//! curl http://127.0.0.1:3000/app/      # first time: starts the machine (~2 s), then answers
+//! curl http://127.0.0.1:3000/app/hi    # warm: answered at once by the same process
+//! # wait 15 s with no request: the machine is stopped (see the log); the next /app request starts it again
+//! ```
+//!
+//! The "machine" is this same program run with `--backend PORT`: a tiny HTTP server that takes
+//! two seconds to boot, like a slow VM, and needs nothing outside this repository.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::Request;
+use axum::routing::get;
+use axum::Router;
+use vmproxy::backend::process::ProcessBackend;
+use vmproxy::{Route, VmProxyLayer};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--backend") {
+        let port: u16 = args.get(2).ok_or("--backend needs a port")?.parse()?;
+        return backend(port).await;
+    }
+
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let me = std::env::current_exe()?;
+    let machine = ProcessBackend::new([me.to_string_lossy().into_owned(), "--backend".into(), "{port}".into()])?
+        .name("quickstart-backend")
+        .stop_grace(Duration::from_secs(2));
+    let route = Route::builder("/app", machine)
+        .strip_prefix(true)
+        .health_path("/healthz")
+        .idle_timeout(Some(Duration::from_secs(15)))
+        .cold_start_timeout(Duration::from_secs(30))
+        .build()?;
+    let handle = route.handle();
+
+    let app = Router::new()
+        .route("/", get(|| async { "front: always on. Try /app/ — it starts a machine on demand.\n" }))
+        .layer(VmProxyLayer::new(route));
+
+    let addr: SocketAddr = std::env::var("QUICKSTART_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into()).parse()?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!("listening on http://{}  (try: curl http://{}/app/)", listener.local_addr()?, listener.local_addr()?);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    // Leave nothing running behind us.
+    handle.stop().await;
+    Ok(())
+}
+
+/// The on-demand machine: boots slowly, then answers.
+async fn backend(port: u16) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tokio::time::sleep(Duration::from_secs(2)).await; // "booting"
+    let booted = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let pid = std::process::id();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(move |req: Request| async move {
+            format!("backend pid {pid} (booted at unix time {booted}) got {} {}\n", req.method(), req.uri())
+        });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
