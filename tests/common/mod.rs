@@ -1,0 +1,287 @@
+//! Shared test fixtures: a fake backend with an in-process HTTP server, a front that wraps an
+//! axum app in the layer, and a one-connection-per-request client.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request};
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use vmproxy::backend::{Backend, BackendFuture, Endpoint, Status};
+use vmproxy::{Route, RouteBuilder, VmProxyLayer};
+
+pub type BoxError = vmproxy::BoxError;
+
+/// What the fake machine does on start.
+#[derive(Default)]
+pub struct Knobs {
+    pub boot: Duration,
+    /// Starts that fail, counted down.
+    pub fail_starts: AtomicUsize,
+    /// Answer 503 on the health path while true.
+    pub unhealthy: AtomicBool,
+}
+
+/// A fake machine: `start` sleeps `boot`, then serves the test app on 127.0.0.1:0.
+#[derive(Clone, Default)]
+pub struct FakeBackend {
+    pub starts: Arc<AtomicUsize>,
+    pub stops: Arc<AtomicUsize>,
+    pub knobs: Arc<Knobs>,
+    server: Arc<Mutex<Option<(SocketAddr, JoinHandle<()>)>>>,
+}
+
+impl FakeBackend {
+    pub fn new(boot: Duration) -> Self {
+        let b = FakeBackend::default();
+        let knobs = Knobs { boot, ..Knobs::default() };
+        FakeBackend { knobs: Arc::new(knobs), ..b }
+    }
+
+    pub fn starts(&self) -> usize {
+        self.starts.load(Ordering::SeqCst)
+    }
+
+    pub fn stops(&self) -> usize {
+        self.stops.load(Ordering::SeqCst)
+    }
+
+    /// Kills the server as if the machine vanished (no stop call).
+    pub fn vanish(&self) {
+        if let Some((_, task)) = self.server.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.server.lock().unwrap().as_ref().map(|(a, _)| *a)
+    }
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn start(&self) -> BackendFuture<'_, Endpoint> {
+        Box::pin(async move {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.knobs.boot).await;
+            let failing = self
+                .knobs
+                .fail_starts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err("zone us-test1-a has no capacity (injected)".into());
+            }
+            if let Some((addr, _)) = &*self.server.lock().unwrap() {
+                return Ok(Endpoint::new(*addr));
+            }
+            let (addr, task) = serve(backend_app(self.knobs.clone())).await;
+            *self.server.lock().unwrap() = Some((addr, task));
+            Ok(Endpoint::new(addr))
+        })
+    }
+
+    fn stop(&self) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            self.vanish();
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> BackendFuture<'_, Status> {
+        Box::pin(async move {
+            Ok(match self.addr() {
+                Some(a) => Status::Running(Endpoint::new(a)),
+                None => Status::Gone,
+            })
+        })
+    }
+}
+
+/// Serves `app` on 127.0.0.1:0 with client addresses; the task ends when aborted.
+pub async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+    (addr, task)
+}
+
+/// The machine's app: health, echo, streams, trailers, a sink, a WebSocket echo.
+pub fn backend_app(knobs: Arc<Knobs>) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let knobs = knobs.clone();
+                async move {
+                    if knobs.unhealthy.load(Ordering::SeqCst) {
+                        (StatusCode::SERVICE_UNAVAILABLE, "booting")
+                    } else {
+                        (StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        )
+        .route("/app/stream", get(stream))
+        .route("/app/big", get(big))
+        .route("/app/sink", any(sink))
+        .route("/app/trailers", any(trailers))
+        .route("/app/ws", get(ws))
+        .fallback(echo)
+}
+
+/// Answers with what arrived: method, path and query, headers (as a JSON object of arrays).
+async fn echo(req: Request) -> impl IntoResponse {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        let entry = headers.entry(name.as_str().to_owned()).or_insert_with(|| serde_json::Value::Array(vec![]));
+        entry.as_array_mut().unwrap().push(String::from_utf8_lossy(value.as_bytes()).into());
+    }
+    let body = serde_json::json!({
+        "method": req.method().as_str(),
+        "uri": req.uri().to_string(),
+        "headers": headers,
+    });
+    axum::Json(body)
+}
+
+#[derive(serde::Deserialize)]
+struct StreamParams {
+    chunks: u64,
+    every_ms: u64,
+}
+
+/// `chunks` chunks, one every `every_ms`.
+async fn stream(Query(p): Query<StreamParams>) -> Response {
+    let s = futures_util::stream::unfold(0u64, move |i| async move {
+        if i == p.chunks {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(p.every_ms)).await;
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+    });
+    Response::new(Body::new(StreamBody::new(s)))
+}
+
+#[derive(serde::Deserialize)]
+struct BigParams {
+    mib: u64,
+}
+
+/// `mib` MiB generated on the fly.
+async fn big(Query(p): Query<BigParams>) -> Response {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let n = p.mib * 16;
+    let s = futures_util::stream::unfold(0u64, move |i| {
+        let chunk = chunk.clone();
+        async move { (i < n).then(|| (Ok::<_, Infallible>(Frame::data(chunk)), i + 1)) }
+    });
+    Response::new(Body::new(StreamBody::new(s)))
+}
+
+/// Reads the whole body as a stream and answers with its length.
+async fn sink(req: Request) -> String {
+    let mut body = req.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            n += data.len() as u64;
+        }
+    }
+    n.to_string()
+}
+
+/// Echoes the request body's trailers back as response trailers, with one of its own.
+async fn trailers(req: Request) -> Response {
+    let collected = req.into_body().collect().await.unwrap();
+    let mut out = collected.trailers().cloned().unwrap_or_default();
+    out.insert("x-backend-trailer", "yes".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from_static(b"body"))), Ok(Frame::trailers(out))];
+    Response::new(Body::new(StreamBody::new(futures_util::stream::iter(frames))))
+}
+
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if let Message::Text(t) = msg {
+                if socket.send(Message::Text(t)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// The front: `/` and everything else answered by axum; the route's prefixes by the layer.
+pub fn front_app(layer: VmProxyLayer) -> Router {
+    Router::new()
+        .route("/", get(|| async { "front" }))
+        .fallback(|req: Request| async move { (StatusCode::NOT_FOUND, format!("front 404 {}", req.uri())) })
+        .layer(layer)
+}
+
+/// A route for the fake backend with test-friendly timings.
+pub fn route(backend: FakeBackend) -> RouteBuilder {
+    Route::builder("/app", backend)
+        .health_path("/healthz")
+        .probe_interval(Duration::from_millis(5), Duration::from_millis(20))
+}
+
+/// Serves the front for `route`; returns its address.
+pub async fn front(route: Route) -> SocketAddr {
+    let (addr, _task) = serve(front_app(VmProxyLayer::new(route))).await;
+    addr
+}
+
+/// Sends one request on a fresh connection and returns the response (body not read).
+pub async fn send<B>(addr: SocketAddr, req: http::Request<B>) -> Result<http::Response<hyper::body::Incoming>, BoxError>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(tx.send_request(req).await?)
+}
+
+/// GET `path`; returns status, headers and body text.
+pub async fn get_text(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
+    let req = http::Request::get(path).header("host", "front.test").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let res = send(addr, req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Waits until `f` is true, polling; panics after `limit` (a safety net, not a timing check).
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,285 @@
+//! The lifecycle end to end: coalescing, failures, deadlines, limits, idle, restarts.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use vmproxy::State;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_first_requests_share_one_start() {
+    let backend = FakeBackend::new(Duration::from_millis(300));
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| tokio::spawn(async move { get_text(addr, &format!("/app/r{i}")).await }))
+        .collect();
+    let mut ok = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+        assert!(body.contains(&format!("/app/r{i}")), "request {i} got someone else's answer: {body}");
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(backend.starts(), 1, "Backend::start must run exactly once");
+    assert!(matches!(handle.state(), State::Running(_)));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_the_cold_start_cancels_nothing() {
+    let backend = FakeBackend::new(Duration::from_millis(300));
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    // The first client starts the machine, then goes away.
+    let first = tokio::spawn(async move { get_text(addr, "/app/first").await });
+    eventually(Duration::from_secs(5), || backend.starts() == 1).await;
+    first.abort();
+    let _ = first.await;
+
+    // Others that were waiting are still served.
+    let waiters: Vec<_> = (0..10).map(|_| tokio::spawn(async move { get_text(addr, "/app/w").await })).collect();
+    for w in waiters {
+        assert_eq!(w.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(backend.starts(), 1);
+    // And the next one is served warm, by the same machine.
+    let (status, _, _) = get_text(addr, "/app/next").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend.starts(), 1);
+    assert!(matches!(handle.state(), State::Running(_)));
+    assert_eq!(handle.pending(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_start_answers_every_waiter_then_backs_off_and_recovers() {
+    let backend = FakeBackend::new(Duration::from_millis(100));
+    backend.knobs.fail_starts.store(1, Ordering::SeqCst);
+    let route = route(backend.clone())
+        .start_backoff(Duration::from_millis(400), Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let waiters: Vec<_> = (0..20).map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await })).collect();
+    for w in waiters {
+        let (status, headers, body) = w.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("no capacity"), "the reason must reach the client: {body}");
+        assert!(headers.contains_key("retry-after"));
+    }
+    assert_eq!(backend.starts(), 1, "one start for all twenty");
+    assert_eq!(handle.state(), State::Absent);
+    assert_eq!(backend.stops(), 1, "a failed start is cleaned up");
+
+    // During the back-off: refused at once, no new start.
+    let (status, headers, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("no capacity"), "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(backend.starts(), 1);
+
+    // After it: a new start that succeeds.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (status, _, _) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend.starts(), 2);
+}
+
+#[tokio::test]
+async fn a_backend_that_never_becomes_healthy_gets_504_and_the_lifecycle_recovers() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    backend.knobs.unhealthy.store(true, Ordering::SeqCst);
+    let route = route(backend.clone())
+        .cold_start_timeout(Duration::from_millis(300))
+        .start_timeout(Duration::from_millis(800))
+        .start_backoff(Duration::from_millis(100), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let (status, _, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(body.contains("did not become ready"), "{body}");
+    assert_eq!(handle.state(), State::Creating, "the start goes on after the waiter's deadline");
+
+    // The start gives up at start_timeout, stops the machine, and the lifecycle is usable again.
+    eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
+    assert_eq!(backend.stops(), 1);
+    backend.knobs.unhealthy.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, _, _) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend.starts(), 2);
+}
+
+#[tokio::test]
+async fn over_max_pending_gets_503_at_once_and_the_rest_are_served() {
+    let backend = FakeBackend::new(Duration::from_millis(500));
+    let route = route(backend.clone()).max_pending(5).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let waiters: Vec<_> = (0..5).map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await })).collect();
+    eventually(Duration::from_secs(5), || handle.pending() == 5).await;
+    let (status, headers, body) = get_text(addr, "/app/extra").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert!(body.contains("already waiting"), "{body}");
+    assert_eq!(handle.state(), State::Creating, "the excess request was refused while the start was still going");
+    for w in waiters {
+        assert_eq!(w.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(backend.starts(), 1);
+}
+
+#[tokio::test]
+async fn idle_machine_is_stopped_once() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(300))).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+    assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
+    assert!(matches!(handle.state(), State::Running(_)));
+    eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(backend.stops(), 1, "stopped exactly once");
+    assert_eq!(backend.starts(), 1);
+}
+
+#[tokio::test]
+async fn a_long_streaming_response_keeps_the_machine_alive() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(200))).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    // 12 chunks, 100 ms apart: 1.2 s of streaming, six idle timeouts long.
+    let req = http::Request::get("/app/stream?chunks=12&every_ms=100").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 12);
+    assert_eq!(backend.stops(), 0, "stopped while a response was still streaming");
+    assert!(matches!(handle.state(), State::Running(_)));
+    eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
+    assert_eq!(backend.stops(), 1);
+}
+
+#[tokio::test]
+async fn an_open_websocket_keeps_the_machine_alive() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(200))).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let (mut ws, res) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
+        tokio::time::sleep(Duration::from_millis(300)).await; // longer than idle_timeout
+    }
+    assert_eq!(backend.stops(), 0, "stopped under an open WebSocket");
+    assert_eq!(handle.in_flight(), 1);
+    ws.close(None).await.unwrap();
+    drop(ws);
+    eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
+    assert_eq!(backend.stops(), 1);
+}
+
+/// A backend whose stop is slow, so a request can arrive while it is Stopping.
+#[derive(Clone)]
+struct SlowStop(FakeBackend);
+
+impl vmproxy::backend::Backend for SlowStop {
+    fn name(&self) -> &str {
+        "slow-stop"
+    }
+    fn start(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Endpoint> {
+        self.0.start()
+    }
+    fn stop(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.0.stop().await
+        })
+    }
+    fn status(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Status> {
+        self.0.status()
+    }
+}
+
+#[tokio::test]
+async fn a_request_during_stopping_waits_and_is_served_after_a_restart() {
+    let fake = FakeBackend::new(Duration::ZERO);
+    let route = vmproxy::Route::builder("/app", SlowStop(fake.clone()))
+        .health_path("/healthz")
+        .probe_interval(Duration::from_millis(5), Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+    assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
+
+    let stopper = {
+        let handle = handle.clone();
+        tokio::spawn(async move { handle.stop().await })
+    };
+    eventually(Duration::from_secs(5), || handle.state() == State::Stopping).await;
+    let (status, _, _) = get_text(addr, "/app/during-stop").await;
+    assert_eq!(status, StatusCode::OK);
+    stopper.await.unwrap();
+    assert_eq!(fake.stops(), 1);
+    assert_eq!(fake.starts(), 2, "served by a fresh start after the stop");
+}
+
+#[tokio::test]
+async fn a_vanished_machine_is_started_again_and_the_request_retried() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+    assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
+    let first = backend.addr().unwrap();
+
+    backend.vanish(); // preempted, killed from outside: no stop call, connections refused
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, _, body) = get_text(addr, "/app/after").await;
+    assert_eq!(status, StatusCode::OK, "retried once after a new start: {body}");
+    assert_eq!(backend.starts(), 2);
+    assert_ne!(backend.addr().unwrap(), first, "served at the new address");
+    assert!(matches!(handle.state(), State::Running(_)));
+}
+
+#[tokio::test]
+async fn handle_prewarms_and_stops() {
+    let backend = FakeBackend::new(Duration::from_millis(50));
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    let mut watch = handle.watch();
+    let ep = handle.start().await.unwrap();
+    assert_eq!(handle.state(), State::Running(ep));
+    assert!(watch.has_changed().unwrap());
+    handle.stop().await;
+    assert_eq!(handle.state(), State::Absent);
+    assert_eq!(backend.stops(), 1);
+    handle.stop().await; // nothing to stop: returns at once
+    assert_eq!(backend.stops(), 1);
+    watch.borrow_and_update();
+}
