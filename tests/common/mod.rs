@@ -216,8 +216,12 @@ async fn trailers(req: Request) -> Response {
     let collected = req.into_body().collect().await.unwrap();
     let mut out = collected.trailers().cloned().unwrap_or_default();
     out.insert("x-backend-trailer", "yes".parse().unwrap());
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from_static(b"body"))), Ok(Frame::trailers(out))];
-    Response::new(Body::new(StreamBody::new(futures_util::stream::iter(frames))))
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from_static(b"body"))), Ok(Frame::trailers(out.clone()))];
+    // HTTP/1.1 sends only the trailer fields announced in `Trailer` (RFC 9110 §6.6.2).
+    let announced = out.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+    let mut res = Response::new(Body::new(StreamBody::new(futures_util::stream::iter(frames))));
+    res.headers_mut().insert("trailer", announced.parse().unwrap());
+    res
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {

@@ -1,0 +1,175 @@
+//! What crosses the proxy: headers (RFC 9110 §7.6), trailers, large streamed bodies, and which
+//! paths are routed at all.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn warm_front() -> (SocketAddr, FakeBackend) {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    route.handle().start().await.unwrap();
+    (front(route).await, backend)
+}
+
+async fn echo_of(addr: SocketAddr, req: Request<Empty<Bytes>>) -> serde_json::Value {
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    echo["headers"][name].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap()).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_do_not_reach_the_backend() {
+    let (addr, _b) = warm_front().await;
+    let req = Request::get("/app/h")
+        .header("host", "client.example")
+        .header("connection", "keep-alive, x-secret-one")
+        .header("connection", "X-Secret-Two")
+        .header("x-secret-one", "1")
+        .header("x-secret-two", "2")
+        .header("x-kept", "3")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("te", "gzip")
+        .header("upgrade", "h2c")
+        .body(Empty::new())
+        .unwrap();
+    let echo = echo_of(addr, req).await;
+    for name in ["x-secret-one", "x-secret-two", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"] {
+        assert!(header(&echo, name).is_empty(), "{name} reached the backend: {echo}");
+    }
+    // The backend's own connection handling may add `connection`, but none of the client's tokens.
+    for v in header(&echo, "connection") {
+        assert!(!v.to_ascii_lowercase().contains("secret"), "{echo}");
+    }
+    assert_eq!(header(&echo, "x-kept"), ["3"]);
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_host_is_kept() {
+    let (addr, _b) = warm_front().await;
+    let req = Request::get("/app/f?q=1")
+        .header("host", "client.example:8443")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-for", "198.51.100.2")
+        .body(Empty::new())
+        .unwrap();
+    let echo = echo_of(addr, req).await;
+    assert_eq!(echo["uri"], "/app/f?q=1");
+    assert_eq!(header(&echo, "host"), ["client.example:8443"]);
+    assert_eq!(header(&echo, "x-forwarded-for"), ["203.0.113.9, 198.51.100.2, 127.0.0.1"]);
+    assert_eq!(header(&echo, "x-forwarded-host"), ["client.example:8443"]);
+    assert_eq!(header(&echo, "x-forwarded-proto"), ["http"]);
+    assert_eq!(header(&echo, "via"), ["1.1 vmproxy"]);
+}
+
+#[tokio::test]
+async fn response_hop_by_hop_headers_are_removed_and_via_added() {
+    let (addr, _b) = warm_front().await;
+    let req = Request::get("/app/r").header("host", "h").body(Empty::<Bytes>::new()).unwrap();
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.headers()["via"], "1.1 vmproxy");
+    assert!(res.headers().get("keep-alive").is_none());
+}
+
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let (addr, _b) = warm_front().await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-checksum", "abc".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+        vec![Ok(Frame::data(Bytes::from_static(b"hello"))), Ok(Frame::trailers(trailers))];
+    let req = Request::post("/app/trailers")
+        .header("host", "h")
+        .header("te", "trailers")
+        .header("trailer", "x-client-checksum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let collected = res.into_body().collect().await.unwrap();
+    let got = collected.trailers().cloned().expect("response trailers were dropped");
+    assert_eq!(got["x-backend-trailer"], "yes");
+    assert_eq!(got["x-client-checksum"], "abc", "request trailers did not reach the backend");
+    assert_eq!(collected.to_bytes(), "body");
+}
+
+#[tokio::test]
+async fn other_paths_reach_the_inner_service() {
+    let (addr, backend) = warm_front().await;
+    assert_eq!(get_text(addr, "/").await.2, "front");
+    let (status, _, body) = get_text(addr, "/apple").await;
+    assert_eq!((status, body.as_str()), (StatusCode::NOT_FOUND, "front 404 /apple"));
+    let (status, _, body) = get_text(addr, "/other/app").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // Served by the machine: the exact prefix and below it.
+    for p in ["/app", "/app/", "/app/x/y"] {
+        let (status, _, body) = get_text(addr, p).await;
+        assert_eq!(status, StatusCode::OK, "{p}: {body}");
+        assert!(body.contains("\"method\""), "{p} did not reach the machine: {body}");
+    }
+    assert_eq!(backend.starts(), 1);
+}
+
+/// Sends a raw request line, so no client library normalizes the path first.
+async fn raw(addr: SocketAddr, target: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
+}
+
+#[tokio::test]
+async fn dot_segments_and_encoded_slashes_neither_escape_nor_skip_the_prefix() {
+    let (addr, _b) = warm_front().await;
+    // Escape attempts: never reach the machine with a path outside /app.
+    for target in ["/app/../admin", "/app/%2e%2e/admin", "/app/.%2E/admin", "/app/x/../../admin"] {
+        let (status, text) = raw(addr, target).await;
+        assert_eq!(status, 404, "{target}: {text}");
+        assert!(text.contains("front 404"), "{target} must go to the front, not the machine: {text}");
+    }
+    // Encoded separators near the prefix: refused.
+    for target in ["/app/x%2F..%2F..%2Fadmin", "/app%2Fx", "/x%2f..%2fapp/y", "/app/a%5Cb"] {
+        let (status, text) = raw(addr, target).await;
+        assert_eq!(status, 400, "{target}: {text}");
+    }
+    // Skip attempts: still the machine's, forwarded normalized.
+    for (target, seen) in [("/admin/../app/x", "/app/x"), ("/x/%2e%2e/app/y", "/app/y"), ("/%61pp/z", "/app/z"), ("/./app/./w", "/app/w")] {
+        let (status, text) = raw(addr, target).await;
+        assert_eq!(status, 200, "{target}: {text}");
+        assert!(text.contains(&format!("\"uri\":\"{seen}\"")), "{target} should be forwarded as {seen}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn strip_prefix_forwards_below_the_prefix() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = vmproxy::Route::builder("/svc", backend.clone())
+        .strip_prefix(true)
+        .health_path("/healthz")
+        .build()
+        .unwrap();
+    let addr = front(route).await;
+    let (status, _, body) = get_text(addr, "/svc/a/b?c=d").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"uri\":\"/a/b?c=d\""), "{body}");
+    let (_, _, body) = get_text(addr, "/svc").await;
+    assert!(body.contains("\"uri\":\"/\""), "{body}");
+}
