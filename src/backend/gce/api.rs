@@ -1,0 +1,483 @@
+//! A small Compute Engine v1 REST client: the instance and zone-operation calls vmproxy needs,
+//! authenticated with google-cloud-auth, retried with exponential back-off and jitter.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use google_cloud_auth::credentials::{self, CacheableResource, Credentials};
+use http::{Extensions, HeaderMap, Method};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::error::{GceError, GceErrorKind};
+
+/// The public Compute Engine API.
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://compute.googleapis.com/compute/v1/";
+const METADATA_ROOT: &str = "http://metadata.google.internal";
+/// The OAuth scope asked for when the credentials accept scopes.
+const API_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// Where access tokens come from.
+#[derive(Clone, Debug)]
+pub(crate) enum AuthSource {
+    /// Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's ADC file,
+    /// else the metadata server, which `GCE_METADATA_HOST` can move).
+    Adc,
+    /// The metadata server at this base URL (`http://127.0.0.1:8085`).
+    Metadata(String),
+    /// Credentials built by the caller.
+    Credentials(Credentials),
+}
+
+/// Retry policy for API calls that fail transiently (429, 5xx, 403 `rateLimitExceeded`,
+/// transport errors).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Retry {
+    pub(crate) attempts: u32,
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 6,
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The parts of an Instance vmproxy reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub(crate) struct Instance {
+    pub(crate) name: String,
+    pub(crate) status: String,
+    pub(crate) network_interfaces: Vec<NetworkInterface>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) label_fingerprint: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub(crate) struct NetworkInterface {
+    #[serde(rename = "networkIP")]
+    pub(crate) network_ip: Option<String>,
+    pub(crate) access_configs: Vec<AccessConfig>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct AccessConfig {
+    #[serde(rename = "natIP")]
+    pub(crate) nat_ip: Option<String>,
+}
+
+/// The parts of an Operation vmproxy reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub(crate) struct Operation {
+    pub(crate) name: String,
+    pub(crate) status: String,
+    pub(crate) operation_type: String,
+    pub(crate) error: Option<OperationError>,
+    pub(crate) http_error_status_code: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct OperationError {
+    pub(crate) errors: Vec<OperationErrorItem>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct OperationErrorItem {
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+pub(crate) struct Api {
+    http: reqwest::Client,
+    base: String,
+    zone: String,
+    instance: String,
+    project_cfg: Option<String>,
+    metadata_base: Option<String>,
+    auth: AuthSource,
+    creds: OnceCell<Credentials>,
+    project: OnceCell<String>,
+    pub(crate) retry: Retry,
+    pub(crate) poll: Duration,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("base", &self.base)
+            .field("zone", &self.zone)
+            .field("instance", &self.instance)
+            .field("project", &self.project_cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn metadata_base_from_env() -> String {
+    match std::env::var("GCE_METADATA_HOST") {
+        Ok(host) if !host.is_empty() => format!("http://{host}"),
+        _ => METADATA_ROOT.to_owned(),
+    }
+}
+
+pub(crate) struct ApiConfig {
+    pub(crate) base: String,
+    pub(crate) zone: String,
+    pub(crate) instance: String,
+    pub(crate) project: Option<String>,
+    pub(crate) metadata_base: Option<String>,
+    pub(crate) auth: AuthSource,
+    pub(crate) retry: Retry,
+    pub(crate) poll: Duration,
+}
+
+impl Api {
+    pub(crate) fn new(cfg: ApiConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            // zoneOperations.wait long-polls for up to 2 minutes.
+            .timeout(Duration::from_secs(150))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .user_agent(concat!("vmproxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut base = cfg.base;
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        let metadata_base = cfg.metadata_base.or(match &cfg.auth {
+            AuthSource::Metadata(url) => Some(url.clone()),
+            _ => None,
+        });
+        Ok(Api {
+            http,
+            base,
+            zone: cfg.zone,
+            instance: cfg.instance,
+            project_cfg: cfg.project,
+            metadata_base: metadata_base.map(|m| m.trim_end_matches('/').to_owned()),
+            auth: cfg.auth,
+            creds: OnceCell::new(),
+            project: OnceCell::new(),
+            retry: cfg.retry,
+            poll: cfg.poll,
+        })
+    }
+
+    fn err(&self, e: GceError) -> GceError {
+        e.at(&self.instance, &self.zone)
+    }
+
+    /// The project: from the config, else the metadata server, else `GOOGLE_CLOUD_PROJECT`.
+    pub(crate) async fn project(&self) -> Result<&str, GceError> {
+        let p = self
+            .project
+            .get_or_try_init(|| async {
+                if let Some(p) = &self.project_cfg {
+                    return Ok(p.clone());
+                }
+                let md = self.metadata_base.clone().unwrap_or_else(metadata_base_from_env);
+                let url = format!("{md}/computeMetadata/v1/project/project-id");
+                let res = self
+                    .http
+                    .get(&url)
+                    .header("Metadata-Flavor", "Google")
+                    .timeout(Duration::from_secs(3))
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status().is_success() => {
+                        if let Ok(text) = r.text().await {
+                            let text = text.trim();
+                            if !text.is_empty() {
+                                debug!(project = text, "project from the metadata server");
+                                return Ok(text.to_owned());
+                            }
+                        }
+                    }
+                    Ok(r) => debug!(status = %r.status(), "metadata server gave no project-id"),
+                    Err(e) => debug!(error = %e, "no metadata server for the project-id"),
+                }
+                match std::env::var("GOOGLE_CLOUD_PROJECT") {
+                    Ok(p) if !p.is_empty() => Ok(p),
+                    _ => Err(self.err(GceError::new(
+                        GceErrorKind::Invalid,
+                        "project",
+                        "noProject",
+                        "no project: set `project` in the config, run on Google Cloud, or set GOOGLE_CLOUD_PROJECT",
+                    ))),
+                }
+            })
+            .await?;
+        Ok(p.as_str())
+    }
+
+    async fn credentials(&self) -> Result<&Credentials, GceError> {
+        self.creds
+            .get_or_try_init(|| async {
+                let built = match &self.auth {
+                    AuthSource::Credentials(c) => return Ok(c.clone()),
+                    AuthSource::Adc => credentials::Builder::default()
+                        .with_scopes([API_SCOPE])
+                        .build(),
+                    AuthSource::Metadata(url) => credentials::mds::Builder::default()
+                        .with_endpoint(url.trim_end_matches('/'))
+                        .with_scopes([API_SCOPE])
+                        .build(),
+                };
+                built.map_err(|e| {
+                    self.err(GceError::new(
+                        GceErrorKind::Auth,
+                        "credentials",
+                        "noCredentials",
+                        e.to_string(),
+                    ))
+                })
+            })
+            .await
+    }
+
+    async fn auth_headers(&self) -> Result<HeaderMap, GceError> {
+        let creds = self.credentials().await?;
+        match creds.headers(Extensions::new()).await {
+            Ok(CacheableResource::New { data, .. }) => Ok(data),
+            Ok(CacheableResource::NotModified) => Err(GceError::new(
+                GceErrorKind::Auth,
+                "credentials",
+                "notModified",
+                "credentials returned no headers",
+            )),
+            Err(e) => {
+                let kind = if e.is_transient() {
+                    GceErrorKind::Unavailable
+                } else {
+                    GceErrorKind::Auth
+                };
+                Err(GceError::new(kind, "credentials", "token", e.to_string()))
+            }
+        }
+    }
+
+    /// `projects/{p}/zones/{z}/` + `rest`.
+    async fn zonal(&self, rest: &str) -> Result<String, GceError> {
+        let project = self.project().await?;
+        Ok(format!(
+            "{}projects/{}/zones/{}/{}",
+            self.base, project, self.zone, rest
+        ))
+    }
+
+    /// One API call with retries; returns the JSON answer.
+    async fn call(
+        &self,
+        call: &'static str,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, GceError> {
+        let mut delay = self.retry.initial;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.once(call, method.clone(), url, body).await {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if e.kind().is_transient()
+                        && e.kind() != GceErrorKind::NotReady
+                        && attempt < self.retry.attempts =>
+                {
+                    let pause = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+                    warn!(call, attempt, error = %e, retry_in = ?pause, "Compute Engine call failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    delay = (delay * 2).min(self.retry.max);
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+    }
+
+    async fn once(
+        &self,
+        call: &'static str,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, GceError> {
+        let headers = self.auth_headers().await?;
+        debug!(call, %method, url, "Compute Engine call");
+        let mut req = self.http.request(method, url).headers(headers);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.map_err(|e| {
+            GceError::new(
+                GceErrorKind::Unavailable,
+                call,
+                "transport",
+                format!("{url}: {}", error_chain(&e)),
+            )
+        })?;
+        let status = res.status();
+        let bytes = res.bytes().await.map_err(|e| {
+            GceError::new(
+                GceErrorKind::Unavailable,
+                call,
+                "transport",
+                format!("{url}: {}", error_chain(&e)),
+            )
+        })?;
+        if !status.is_success() {
+            return Err(GceError::from_http(call, status.as_u16(), &bytes));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| GceError::new(GceErrorKind::Other, call, "badJson", format!("{url}: {e}")))
+    }
+
+    fn request_id() -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+
+    fn parse<T: for<'de> Deserialize<'de>>(call: &'static str, v: Value) -> Result<T, GceError> {
+        serde_json::from_value(v)
+            .map_err(|e| GceError::new(GceErrorKind::Other, call, "badJson", e.to_string()))
+    }
+
+    /// `instances.get`; `None` when it does not exist.
+    pub(crate) async fn get(&self) -> Result<Option<Instance>, GceError> {
+        let url = self.zonal(&format!("instances/{}", self.instance)).await?;
+        match self.call("instances.get", Method::GET, &url, None).await {
+            Ok(v) => Ok(Some(
+                Self::parse("instances.get", v).map_err(|e| self.err(e))?,
+            )),
+            Err(e) if e.kind() == GceErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `instances.insert` with a fresh `requestId` (kept across retries of this call).
+    pub(crate) async fn insert(&self, body: &Value) -> Result<Operation, GceError> {
+        let url = self
+            .zonal(&format!("instances?requestId={}", Self::request_id()))
+            .await?;
+        let v = self
+            .call("instances.insert", Method::POST, &url, Some(body))
+            .await?;
+        Self::parse("instances.insert", v).map_err(|e| self.err(e))
+    }
+
+    /// `instances.{start,stop,suspend,resume,delete}`.
+    pub(crate) async fn action(&self, call: &'static str) -> Result<Operation, GceError> {
+        let rid = Self::request_id();
+        let name = &self.instance;
+        let (method, rest) = match call {
+            "instances.delete" => (Method::DELETE, format!("instances/{name}?requestId={rid}")),
+            "instances.stop" => (
+                Method::POST,
+                format!("instances/{name}/stop?requestId={rid}&discardLocalSsd=false"),
+            ),
+            "instances.suspend" => (
+                Method::POST,
+                format!("instances/{name}/suspend?requestId={rid}&discardLocalSsd=false"),
+            ),
+            "instances.start" => (
+                Method::POST,
+                format!("instances/{name}/start?requestId={rid}"),
+            ),
+            "instances.resume" => (
+                Method::POST,
+                format!("instances/{name}/resume?requestId={rid}"),
+            ),
+            other => unreachable!("unknown action {other}"),
+        };
+        let url = self.zonal(&rest).await?;
+        let v = self.call(call, method, &url, None).await?;
+        Self::parse(call, v).map_err(|e| self.err(e))
+    }
+
+    /// `instances.setLabels` with the fingerprint of the labels it replaces.
+    pub(crate) async fn set_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+        fingerprint: &str,
+    ) -> Result<Operation, GceError> {
+        let url = self
+            .zonal(&format!(
+                "instances/{}/setLabels?requestId={}",
+                self.instance,
+                Self::request_id()
+            ))
+            .await?;
+        let body = json!({ "labels": labels, "labelFingerprint": fingerprint });
+        let v = self
+            .call("instances.setLabels", Method::POST, &url, Some(&body))
+            .await?;
+        Self::parse("instances.setLabels", v).map_err(|e| self.err(e))
+    }
+
+    /// Waits for `op` with `zoneOperations.wait` until it is DONE (the call may return early),
+    /// then turns an operation error into a typed error for `call`.
+    pub(crate) async fn wait(
+        &self,
+        call: &'static str,
+        mut op: Operation,
+    ) -> Result<Operation, GceError> {
+        loop {
+            if op.status == "DONE" {
+                if let Some(first) = op.error.as_ref().and_then(|e| e.errors.first()) {
+                    return Err(self.err(GceError::from_operation(
+                        call,
+                        &first.code,
+                        &first.message,
+                        op.http_error_status_code,
+                    )));
+                }
+                return Ok(op);
+            }
+            if op.name.is_empty() {
+                return Err(self.err(GceError::new(
+                    GceErrorKind::Other,
+                    call,
+                    "badOperation",
+                    "operation without a name",
+                )));
+            }
+            let started = Instant::now();
+            let url = self.zonal(&format!("operations/{}/wait", op.name)).await?;
+            let v = self
+                .call("zoneOperations.wait", Method::POST, &url, None)
+                .await?;
+            op = Self::parse("zoneOperations.wait", v).map_err(|e| self.err(e))?;
+            if op.status != "DONE" {
+                // It returned early: do not spin.
+                let elapsed = started.elapsed();
+                if elapsed < self.poll {
+                    tokio::time::sleep(self.poll - elapsed).await;
+                }
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
