@@ -1,0 +1,208 @@
+//! The `vmproxy` binary: config errors, serving, shutdown, and children that die with it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmproxy");
+
+fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::new(text)
+}
+
+/// A config file in the system temp dir, removed on drop.
+mod tempfile_path {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub struct TempPath(PathBuf);
+
+    impl TempPath {
+        pub fn new(text: &str) -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "vmproxy-test-{}-{}.toml",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::write(&path, text).unwrap();
+            TempPath(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[[route]]
+path = "/app"
+strip_prefix = true
+health_path = "/"
+idle_timeout = "10m"
+cold_start_timeout = "30s"
+max_pending = 100
+
+[route.process]
+command = ["sh", "-c", "echo $$ > \"$PIDFILE\"; exec python3 -m http.server {port} --bind 127.0.0.1"]
+stop_grace = "2s"
+"#;
+
+fn check(text: &str) -> (i32, String) {
+    let file = write_config(text);
+    let out = Command::new(BIN).arg("--config").arg(file.path()).arg("--check").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_key() {
+    let cases = [
+        ("listen = ", "", "syntax"),
+        ("strip_prefix = true", "strip_prefix = true\nbogus = 1", "route[0].bogus"),
+        ("idle_timeout = \"10m\"", "idle_timeout = \"ten minutes\"", "route[0].idle_timeout"),
+        ("command = [\"sh\"", "command = [] #", "route[0].process.command"),
+        ("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"", "listen"),
+        ("max_pending = 100", "max_pending = -1", "route[0].max_pending"),
+        ("path = \"/app\"", "path = \"app\"", "route[0].path"),
+    ];
+    for (from, to, key) in cases {
+        let text = if key == "syntax" { "listen = \n[[route]\n".to_owned() } else { GOOD.replacen(from, to, 1) };
+        let (code, stderr) = check(&text);
+        assert_eq!(code, 2, "{key}: {stderr}");
+        if key == "syntax" {
+            assert!(stderr.contains("line"), "a syntax error names the line: {stderr}");
+        } else {
+            assert!(stderr.contains(key), "the message must name {key}: {stderr}");
+        }
+        assert!(stderr.contains("vmproxy-test-"), "the message must name the file: {stderr}");
+    }
+    let (code, stderr) = check(GOOD);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn an_unusable_listen_address_exits_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let file = write_config(&GOOD.replace("127.0.0.1:0", &addr.to_string()));
+    let out = Command::new(BIN).arg("--config").arg(file.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    pidfile: std::path::PathBuf,
+    _config: tempfile_path::TempPath,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+}
+
+fn start_binary() -> Running {
+    let config = write_config(GOOD);
+    let pidfile = std::env::temp_dir().join(format!("vmproxy-test-{}-{:?}.pid", std::process::id(), std::thread::current().id()));
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config.path())
+        .env("PIDFILE", &pidfile)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The log line `listening addr=127.0.0.1:PORT` gives the port picked for port 0.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let addr = addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':');
+                if let Ok(a) = addr.parse::<SocketAddr>() {
+                    let _ = tx.send(a);
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("the binary did not say where it listens");
+    Running { child, addr, pidfile, _config: config }
+}
+
+fn backend_pid(r: &Running) -> i32 {
+    std::fs::read_to_string(&r.pidfile).unwrap().trim().parse().unwrap()
+}
+
+async fn wait_gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
+    let mut r = start_binary();
+    let (status, _, body) = common::get_text(r.addr, "/nothing-here").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no route"), "{body}");
+
+    let (status, _, body) = common::get_text(r.addr, "/app/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Directory listing"), "served by python's http.server: {body}");
+    let pid = backend_pid(&r);
+    assert!(alive(pid));
+
+    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = r.child.wait().unwrap();
+        (s, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "SIGTERM must exit 0");
+    assert!(wait_gone(pid).await, "the backend process outlived the proxy");
+}
+
+#[tokio::test]
+async fn the_backend_dies_with_a_killed_proxy() {
+    let r = start_binary();
+    let (status, _, _) = common::get_text(r.addr, "/app/").await;
+    assert_eq!(status, 200);
+    let pid = backend_pid(&r);
+    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL).unwrap();
+    assert!(wait_gone(pid).await, "the backend process outlived a SIGKILLed proxy");
+}
