@@ -29,13 +29,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
 
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
 
     let me = std::env::current_exe()?;
-    let machine = ProcessBackend::new([me.to_string_lossy().into_owned(), "--backend".into(), "{port}".into()])?
-        .name("quickstart-backend")
-        .stop_grace(Duration::from_secs(2));
+    let machine = ProcessBackend::new([
+        me.to_string_lossy().into_owned(),
+        "--backend".into(),
+        "{port}".into(),
+    ])?
+    .name("quickstart-backend")
+    .stop_grace(Duration::from_secs(2));
     let route = Route::builder("/app", machine)
         .strip_prefix(true)
         .health_path("/healthz")
@@ -45,17 +51,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let handle = route.handle();
 
     let app = Router::new()
-        .route("/", get(|| async { "front: always on. Try /app/ — it starts a machine on demand.\n" }))
+        .route(
+            "/",
+            get(|| async { "front: always on. Try /app/ — it starts a machine on demand.\n" }),
+        )
         .layer(VmProxyLayer::new(route));
 
-    let addr: SocketAddr = std::env::var("QUICKSTART_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into()).parse()?;
+    let addr: SocketAddr = std::env::var("QUICKSTART_ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:3000".into())
+        .parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("listening on http://{}  (try: curl http://{}/app/)", listener.local_addr()?, listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    tracing::info!(
+        "listening on http://{}  (try: curl http://{}/app/)",
+        listener.local_addr()?,
+        listener.local_addr()?
+    );
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     // Leave nothing running behind us.
     handle.stop().await;
     Ok(())
@@ -69,7 +87,11 @@ async fn backend(port: u16) -> Result<(), Box<dyn std::error::Error + Send + Syn
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .fallback(move |req: Request| async move {
-            format!("backend pid {pid} (booted at unix time {booted}) got {} {}\n", req.method(), req.uri())
+            format!(
+                "backend pid {pid} (booted at unix time {booted}) got {} {}\n",
+                req.method(),
+                req.uri()
+            )
         });
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     axum::serve(listener, app).await?;

@@ -49,16 +49,25 @@ enum ProxiedKind {
 
 impl ProxiedBody {
     pub(crate) fn upstream(body: Incoming, lease: Lease) -> Self {
-        ProxiedBody { kind: ProxiedKind::Upstream { body, lease: Some(lease) } }
+        ProxiedBody {
+            kind: ProxiedKind::Upstream {
+                body,
+                lease: Some(lease),
+            },
+        }
     }
 
     pub(crate) fn full(text: impl Into<Bytes>) -> Self {
         let bytes = text.into();
-        ProxiedBody { kind: ProxiedKind::Full((!bytes.is_empty()).then_some(bytes)) }
+        ProxiedBody {
+            kind: ProxiedKind::Full((!bytes.is_empty()).then_some(bytes)),
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        ProxiedBody { kind: ProxiedKind::Full(None) }
+        ProxiedBody {
+            kind: ProxiedKind::Full(None),
+        }
     }
 }
 
@@ -66,7 +75,10 @@ impl Body for ProxiedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             ProxiedProj::Upstream { mut body, lease } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
@@ -89,18 +101,24 @@ impl Body for ProxiedBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ProxiedKind::Upstream { body, .. } => body.size_hint(),
-            ProxiedKind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxiedKind::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }
 
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        ResponseBody { kind: Kind::Inner(body) }
+        ResponseBody {
+            kind: Kind::Inner(body),
+        }
     }
 
     pub(crate) fn proxied(body: ProxiedBody) -> Self {
-        ResponseBody { kind: Kind::Proxied(body) }
+        ResponseBody {
+            kind: Kind::Proxied(body),
+        }
     }
 }
 
@@ -112,7 +130,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             KindProj::Inner(b) => b.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
             KindProj::Proxied(b) => b.poll_frame(cx),

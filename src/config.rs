@@ -113,7 +113,11 @@ pub struct ConfigFileError {
 
 impl ConfigFileError {
     fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigFileError { file: None, key: key.into(), reason: reason.into() }
+        ConfigFileError {
+            file: None,
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The key's path in the file, e.g. `route[0].idle_timeout` (empty for a syntax error).
@@ -168,7 +172,11 @@ impl Config {
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| r.route().map_err(|(key, reason)| ConfigFileError::new(format!("route[{i}]{key}"), reason)))
+            .map(|(i, r)| {
+                r.route().map_err(|(key, reason)| {
+                    ConfigFileError::new(format!("route[{i}]{key}"), reason)
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmProxyLayer::from_routes(routes))
     }
@@ -236,8 +244,14 @@ impl RouteConfig {
                     .map_err(|e| (format!(".gce.{}", e.field()), e.reason().to_owned()))?;
                 Ok(Route::builder(self.path.clone(), backend))
             }
-            (Some(_), Some(_)) => Err((String::new(), "has both [route.process] and [route.gce]; pick one".into())),
-            (None, None) => Err((String::new(), "needs a backend table: [route.process] or [route.gce]".into())),
+            (Some(_), Some(_)) => Err((
+                String::new(),
+                "has both [route.process] and [route.gce]; pick one".into(),
+            )),
+            (None, None) => Err((
+                String::new(),
+                "needs a backend table: [route.process] or [route.gce]".into(),
+            )),
         }
     }
 }
@@ -247,7 +261,9 @@ fn default_grace() -> Duration {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?} ({e}); write it like \"250ms\", \"30s\" or \"10m\""))
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write it like \"250ms\", \"30s\" or \"10m\"")
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -261,8 +277,11 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;
-    s.parse()
-        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\"")))
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\""
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -294,7 +313,10 @@ stop_grace = "10s"
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].idle_timeout, Some(Duration::from_secs(600)));
-        assert_eq!(c.routes[0].process.as_ref().unwrap().stop_grace, Some(Duration::from_secs(10)));
+        assert_eq!(
+            c.routes[0].process.as_ref().unwrap().stop_grace,
+            Some(Duration::from_secs(10))
+        );
     }
 
     #[test]
@@ -307,7 +329,10 @@ stop_grace = "10s"
         assert_eq!(e.key(), "route[0].strip_prefixx", "{e}");
         assert!(e.to_string().contains("strip_prefixx"), "{e}");
 
-        let e = err(&GOOD.replace("\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\"", ""));
+        let e = err(&GOOD.replace(
+            "\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\"",
+            "",
+        ));
         assert_eq!(e.key(), "route[0].process.command", "{e}");
 
         let e = err(&GOOD.replace("127.0.0.1:8080", "localhost:99999"));

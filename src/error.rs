@@ -32,33 +32,68 @@ pub struct Error {
 
 #[derive(Clone, Debug)]
 enum Kind {
-    Overloaded { max_pending: usize },
-    StartFailed { source: Arc<BoxError>, retry_after: Duration },
-    ColdStartTimeout { waited: Duration },
-    Upstream { source: Arc<BoxError> },
-    BadPath { reason: &'static str },
+    Overloaded {
+        max_pending: usize,
+    },
+    StartFailed {
+        source: Arc<BoxError>,
+        retry_after: Duration,
+    },
+    ColdStartTimeout {
+        waited: Duration,
+    },
+    Upstream {
+        source: Arc<BoxError>,
+    },
+    BadPath {
+        reason: &'static str,
+    },
 }
 
 impl Error {
     pub(crate) fn overloaded(machine: &str, max_pending: usize) -> Self {
-        Error { kind: Kind::Overloaded { max_pending }, machine: machine.into() }
+        Error {
+            kind: Kind::Overloaded { max_pending },
+            machine: machine.into(),
+        }
     }
 
-    pub(crate) fn start_failed(machine: &str, source: Arc<BoxError>, retry_after: Duration) -> Self {
-        Error { kind: Kind::StartFailed { source, retry_after }, machine: machine.into() }
+    pub(crate) fn start_failed(
+        machine: &str,
+        source: Arc<BoxError>,
+        retry_after: Duration,
+    ) -> Self {
+        Error {
+            kind: Kind::StartFailed {
+                source,
+                retry_after,
+            },
+            machine: machine.into(),
+        }
     }
 
     /// The error a request gets when the machine did not become ready within `waited`.
     pub fn cold_start_timeout(machine: &str, waited: Duration) -> Self {
-        Error { kind: Kind::ColdStartTimeout { waited }, machine: machine.into() }
+        Error {
+            kind: Kind::ColdStartTimeout { waited },
+            machine: machine.into(),
+        }
     }
 
     pub(crate) fn upstream(machine: &str, source: impl Into<BoxError>) -> Self {
-        Error { kind: Kind::Upstream { source: Arc::new(source.into()) }, machine: machine.into() }
+        Error {
+            kind: Kind::Upstream {
+                source: Arc::new(source.into()),
+            },
+            machine: machine.into(),
+        }
     }
 
     pub(crate) fn bad_path(machine: &str, reason: &'static str) -> Self {
-        Error { kind: Kind::BadPath { reason }, machine: machine.into() }
+        Error {
+            kind: Kind::BadPath { reason },
+            machine: machine.into(),
+        }
     }
 
     /// The HTTP status this failure is answered with.
@@ -96,7 +131,10 @@ impl Error {
         let mut res = http::Response::new(body(format!("{self}\n")));
         *res.status_mut() = self.status();
         let headers = res.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         if let Some(after) = self.retry_after() {
             // Retry-After is whole seconds (RFC 9110 §10.2.3); never advertise 0.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

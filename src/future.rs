@@ -32,15 +32,21 @@ enum Kind<F> {
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn inner(fut: F) -> Self {
-        ResponseFuture { kind: Kind::Inner(fut) }
+        ResponseFuture {
+            kind: Kind::Inner(fut),
+        }
     }
 
     pub(crate) fn proxied(fut: ProxiedFuture) -> Self {
-        ResponseFuture { kind: Kind::Proxied(fut) }
+        ResponseFuture {
+            kind: Kind::Proxied(fut),
+        }
     }
 
     pub(crate) fn ready(res: Response<ProxiedBody>) -> Self {
-        ResponseFuture { kind: Kind::Ready(Some(res)) }
+        ResponseFuture {
+            kind: Kind::Ready(Some(res)),
+        }
     }
 }
 
@@ -51,7 +57,9 @@ impl<F> std::fmt::Debug for ResponseFuture<F> {
             Kind::Proxied(_) => "proxied",
             Kind::Ready(_) => "ready",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 

@@ -38,18 +38,24 @@ pub struct VmProxyLayer {
 impl VmProxyLayer {
     /// A layer with one route.
     pub fn new(route: Route) -> Self {
-        VmProxyLayer { routes: Arc::new([route]) }
+        VmProxyLayer {
+            routes: Arc::new([route]),
+        }
     }
 
     /// A layer with several routes; the first whose prefix matches a request takes it.
     pub fn from_routes(routes: impl IntoIterator<Item = Route>) -> Self {
-        VmProxyLayer { routes: routes.into_iter().collect() }
+        VmProxyLayer {
+            routes: routes.into_iter().collect(),
+        }
     }
 
     /// Adds a route, matched after the ones already there.
     #[must_use]
     pub fn route(self, route: Route) -> Self {
-        VmProxyLayer { routes: self.routes.iter().cloned().chain(Some(route)).collect() }
+        VmProxyLayer {
+            routes: self.routes.iter().cloned().chain(Some(route)).collect(),
+        }
     }
 
     /// The handle of the first route's machine.

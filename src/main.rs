@@ -102,7 +102,11 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vmproxy: {}: listen: cannot listen on {}: {e}", path.display(), config.listen);
+            eprintln!(
+                "vmproxy: {}: listen: cannot listen on {}: {e}",
+                path.display(),
+                config.listen
+            );
             return ExitCode::from(2);
         }
     };
@@ -115,11 +119,14 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
     info!(%addr, "listening");
 
@@ -134,7 +141,10 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     }
     for handle in handles {
         info!(machine = handle.name(), "stopping");
-        if tokio::time::timeout(Duration::from_secs(120), handle.stop()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(120), handle.stop())
+            .await
+            .is_err()
+        {
             warn!(machine = handle.name(), "stop did not finish within 120s");
         }
     }
@@ -143,20 +153,24 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
 }
 
 async fn not_found(uri: Uri) -> (StatusCode, String) {
-    (StatusCode::NOT_FOUND, format!("no route for {}\n", uri.path()))
+    (
+        StatusCode::NOT_FOUND,
+        format!("no route for {}\n", uri.path()),
+    )
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -36,7 +36,11 @@ pub(crate) fn canonical_prefix(prefix: &str) -> Result<String, &'static str> {
         return Err("must not contain '.' or '..' segments");
     }
     let trimmed = prefix.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
+    Ok(if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    })
 }
 
 /// Whether `path` is `prefix` or below it, per segment.
@@ -90,7 +94,9 @@ fn has_encoded_separator(path: &str) -> bool {
     }
     let b = path.as_bytes();
     b.windows(3).any(|w| {
-        w[0] == b'%' && ((w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f')) || (w[1] == b'5' && w[2].eq_ignore_ascii_case(&b'c')))
+        w[0] == b'%'
+            && ((w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'))
+                || (w[1] == b'5' && w[2].eq_ignore_ascii_case(&b'c')))
     })
 }
 
@@ -100,10 +106,12 @@ fn decode_separators(path: &str) -> String {
     while let Some(i) = rest.find(['%', '\\']) {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if tail.starts_with('\\') {
+        if let Some(after) = tail.strip_prefix('\\') {
             out.push('/');
-            rest = &tail[1..];
-        } else if tail.len() >= 3 && (tail[1..3].eq_ignore_ascii_case("2f") || tail[1..3].eq_ignore_ascii_case("5c")) {
+            rest = after;
+        } else if tail.len() >= 3
+            && (tail[1..3].eq_ignore_ascii_case("2f") || tail[1..3].eq_ignore_ascii_case("5c"))
+        {
             out.push('/');
             rest = &tail[3..];
         } else {
@@ -123,7 +131,11 @@ pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
     if !needs_decoding && !has_dots && path.starts_with('/') {
         return Cow::Borrowed(path);
     }
-    let decoded: Cow<'_, str> = if needs_decoding { Cow::Owned(decode_unreserved(path)) } else { Cow::Borrowed(path) };
+    let decoded: Cow<'_, str> = if needs_decoding {
+        Cow::Owned(decode_unreserved(path))
+    } else {
+        Cow::Borrowed(path)
+    };
     Cow::Owned(remove_dot_segments(&decoded))
 }
 
@@ -199,7 +211,11 @@ mod tests {
     use super::*;
 
     fn m(prefix: &str, strip: bool, uri: &str) -> Match {
-        match_route(&[canonical_prefix(prefix).unwrap()], strip, &uri.parse().unwrap())
+        match_route(
+            &[canonical_prefix(prefix).unwrap()],
+            strip,
+            &uri.parse().unwrap(),
+        )
     }
 
     fn proxied(s: &str) -> Match {
@@ -247,12 +263,18 @@ mod tests {
         assert_eq!(m("/app", false, "/%61pp/x"), proxied("/app/x"));
         assert_eq!(m("/app", false, "/app/a%20b"), proxied("/app/a%20b"));
         assert_eq!(m("/app", false, "/app/%7euser"), proxied("/app/~user"));
-        assert_eq!(m("/app", false, "/app/%e2%82%ac"), proxied("/app/%E2%82%AC"));
+        assert_eq!(
+            m("/app", false, "/app/%e2%82%ac"),
+            proxied("/app/%E2%82%AC")
+        );
     }
 
     #[test]
     fn encoded_separators_are_refused_near_a_route() {
-        assert!(matches!(m("/app", false, "/app/x%2F..%2F..%2Fadmin"), Match::Bad(_)));
+        assert!(matches!(
+            m("/app", false, "/app/x%2F..%2F..%2Fadmin"),
+            Match::Bad(_)
+        ));
         assert!(matches!(m("/app", false, "/app%2fx"), Match::Bad(_)));
         assert!(matches!(m("/app", false, "/x%2F..%2Fapp/y"), Match::Bad(_)));
         assert!(matches!(m("/app", false, "/app/a%5Cb"), Match::Bad(_)));

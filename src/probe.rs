@@ -30,7 +30,11 @@ pub(crate) struct ProbeConfig {
 /// Probes `ep` until the health path answers 2xx. Between attempts, asks the backend for the
 /// machine's status every `status_interval`, so a machine that died while booting fails the
 /// start instead of being probed until the start timeout.
-pub(crate) async fn wait_ready(ep: Endpoint, cfg: &ProbeConfig, backend: &dyn Backend) -> Result<(), BoxError> {
+pub(crate) async fn wait_ready(
+    ep: Endpoint,
+    cfg: &ProbeConfig,
+    backend: &dyn Backend,
+) -> Result<(), BoxError> {
     let status_every = backend.status_interval();
     let mut next_status = status_every.map(|every| Instant::now() + every);
     let mut gap = cfg.initial;
@@ -51,7 +55,11 @@ pub(crate) async fn wait_ready(ep: Endpoint, cfg: &ProbeConfig, backend: &dyn Ba
                 next_status = Some(Instant::now() + every);
                 let status = backend.status().await?;
                 if status.is_down() {
-                    return Err(format!("{} went down while starting (status: {status:?})", backend.name()).into());
+                    return Err(format!(
+                        "{} went down while starting (status: {status:?})",
+                        backend.name()
+                    )
+                    .into());
                 }
             }
         }
@@ -70,7 +78,10 @@ async fn attempt(ep: Endpoint, path: &str) -> Result<StatusCode, BoxError> {
     });
     let req = Request::get(path)
         .header(header::HOST, ep.addr().to_string())
-        .header(header::USER_AGENT, concat!("vmproxy-probe/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("vmproxy-probe/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Empty::<Bytes>::new())?;
     let res = tx.send_request(req).await?;
     Ok(res.status())

@@ -71,7 +71,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError { field, reason: reason.into() }
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// The setting that is wrong (`prefix`, `health_path`, `max_pending`…).
@@ -230,7 +233,8 @@ impl RouteBuilder {
     pub fn build(self) -> Result<Route, ConfigError> {
         let mut prefixes = Vec::with_capacity(self.prefixes.len());
         for p in &self.prefixes {
-            let canonical = path::canonical_prefix(p).map_err(|e| ConfigError::new("prefix", format!("{p:?} {e}")))?;
+            let canonical = path::canonical_prefix(p)
+                .map_err(|e| ConfigError::new("prefix", format!("{p:?} {e}")))?;
             prefixes.push(canonical);
         }
         let health_path = match self.health_path {
@@ -238,8 +242,13 @@ impl RouteBuilder {
             None if self.strip_prefix => "/".to_owned(),
             None => prefixes[0].clone(),
         };
-        if !health_path.starts_with('/') || http::uri::PathAndQuery::try_from(health_path.as_str()).is_err() {
-            return Err(ConfigError::new("health_path", format!("{health_path:?} must be a path starting with '/'")));
+        if !health_path.starts_with('/')
+            || http::uri::PathAndQuery::try_from(health_path.as_str()).is_err()
+        {
+            return Err(ConfigError::new(
+                "health_path",
+                format!("{health_path:?} must be a path starting with '/'"),
+            ));
         }
         if self.max_pending == 0 {
             return Err(ConfigError::new("max_pending", "must be at least 1"));
@@ -255,13 +264,22 @@ impl RouteBuilder {
             }
         }
         if self.probe_max < self.probe_initial {
-            return Err(ConfigError::new("probe_interval", "the cap is below the first gap"));
+            return Err(ConfigError::new(
+                "probe_interval",
+                "the cap is below the first gap",
+            ));
         }
         if self.max_start_backoff < self.start_backoff {
-            return Err(ConfigError::new("start_backoff", "the cap is below the first pause"));
+            return Err(ConfigError::new(
+                "start_backoff",
+                "the cap is below the first pause",
+            ));
         }
         let idle_timeout = self.idle_timeout.filter(|d| !d.is_zero());
-        let name: Arc<str> = self.name.unwrap_or_else(|| self.backend.name().to_owned()).into();
+        let name: Arc<str> = self
+            .name
+            .unwrap_or_else(|| self.backend.name().to_owned())
+            .into();
         let lifecycle = Lifecycle::new(
             name,
             self.backend,
@@ -271,7 +289,10 @@ impl RouteBuilder {
                 start_backoff: self.start_backoff,
                 max_start_backoff: self.max_start_backoff,
             },
-            Timings { cold_start_timeout: self.cold_start_timeout, start_timeout: self.start_timeout },
+            Timings {
+                cold_start_timeout: self.cold_start_timeout,
+                start_timeout: self.start_timeout,
+            },
             ProbeConfig {
                 path: health_path,
                 initial: self.probe_initial,

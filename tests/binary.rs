@@ -66,31 +66,68 @@ stop_grace = "2s"
 
 fn check(text: &str) -> (i32, String) {
     let file = write_config(text);
-    let out = Command::new(BIN).arg("--config").arg(file.path()).arg("--check").output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .arg("--check")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn bad_configs_exit_2_naming_the_key() {
     let cases = [
         ("listen = ", "", "syntax"),
-        ("strip_prefix = true", "strip_prefix = true\nbogus = 1", "route[0].bogus"),
-        ("idle_timeout = \"10m\"", "idle_timeout = \"ten minutes\"", "route[0].idle_timeout"),
-        ("command = [\"sh\"", "command = [] #", "route[0].process.command"),
+        (
+            "strip_prefix = true",
+            "strip_prefix = true\nbogus = 1",
+            "route[0].bogus",
+        ),
+        (
+            "idle_timeout = \"10m\"",
+            "idle_timeout = \"ten minutes\"",
+            "route[0].idle_timeout",
+        ),
+        (
+            "command = [\"sh\"",
+            "command = [] #",
+            "route[0].process.command",
+        ),
         ("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"", "listen"),
-        ("max_pending = 100", "max_pending = -1", "route[0].max_pending"),
+        (
+            "max_pending = 100",
+            "max_pending = -1",
+            "route[0].max_pending",
+        ),
         ("path = \"/app\"", "path = \"app\"", "route[0].path"),
     ];
     for (from, to, key) in cases {
-        let text = if key == "syntax" { "listen = \n[[route]\n".to_owned() } else { GOOD.replacen(from, to, 1) };
+        let text = if key == "syntax" {
+            "listen = \n[[route]\n".to_owned()
+        } else {
+            GOOD.replacen(from, to, 1)
+        };
         let (code, stderr) = check(&text);
         assert_eq!(code, 2, "{key}: {stderr}");
         if key == "syntax" {
-            assert!(stderr.contains("line"), "a syntax error names the line: {stderr}");
+            assert!(
+                stderr.contains("line"),
+                "a syntax error names the line: {stderr}"
+            );
         } else {
-            assert!(stderr.contains(key), "the message must name {key}: {stderr}");
+            assert!(
+                stderr.contains(key),
+                "the message must name {key}: {stderr}"
+            );
         }
-        assert!(stderr.contains("vmproxy-test-"), "the message must name the file: {stderr}");
+        assert!(
+            stderr.contains("vmproxy-test-"),
+            "the message must name the file: {stderr}"
+        );
     }
     let (code, stderr) = check(GOOD);
     assert_eq!(code, 0, "{stderr}");
@@ -101,14 +138,23 @@ fn an_unusable_listen_address_exits_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let file = write_config(&GOOD.replace("127.0.0.1:0", &addr.to_string()));
-    let out = Command::new(BIN).arg("--config").arg(file.path()).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }
 
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -130,7 +176,11 @@ impl Drop for Running {
 
 fn start_binary() -> Running {
     let config = write_config(GOOD);
-    let pidfile = std::env::temp_dir().join(format!("vmproxy-test-{}-{:?}.pid", std::process::id(), std::thread::current().id()));
+    let pidfile = std::env::temp_dir().join(format!(
+        "vmproxy-test-{}-{:?}.pid",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config.path())
@@ -154,12 +204,23 @@ fn start_binary() -> Running {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("the binary did not say where it listens");
-    Running { child, addr, pidfile, _config: config }
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the binary did not say where it listens");
+    Running {
+        child,
+        addr,
+        pidfile,
+        _config: config,
+    }
 }
 
 fn backend_pid(r: &Running) -> i32 {
-    std::fs::read_to_string(&r.pidfile).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(&r.pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn wait_gone(pid: i32) -> bool {
@@ -182,7 +243,10 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
 
     let (status, _, body) = common::get_text(r.addr, "/app/").await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("Directory listing"), "served by python's http.server: {body}");
+    assert!(
+        body.contains("Directory listing"),
+        "served by python's http.server: {body}"
+    );
     let pid = backend_pid(&r);
     assert!(alive(pid));
 
@@ -194,7 +258,10 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
     .await
     .unwrap();
     assert_eq!(status.0.code(), Some(0), "SIGTERM must exit 0");
-    assert!(wait_gone(pid).await, "the backend process outlived the proxy");
+    assert!(
+        wait_gone(pid).await,
+        "the backend process outlived the proxy"
+    );
 }
 
 #[tokio::test]
@@ -204,5 +271,8 @@ async fn the_backend_dies_with_a_killed_proxy() {
     assert_eq!(status, 200);
     let pid = backend_pid(&r);
     kill(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL).unwrap();
-    assert!(wait_gone(pid).await, "the backend process outlived a SIGKILLed proxy");
+    assert!(
+        wait_gone(pid).await,
+        "the backend process outlived a SIGKILLed proxy"
+    );
 }

@@ -25,7 +25,10 @@ async fn thousand_concurrent_first_requests_share_one_start() {
     for (i, t) in tasks.into_iter().enumerate() {
         let (status, _, body) = t.await.unwrap();
         assert_eq!(status, StatusCode::OK, "request {i}: {body}");
-        assert!(body.contains(&format!("/app/r{i}")), "request {i} got someone else's answer: {body}");
+        assert!(
+            body.contains(&format!("/app/r{i}")),
+            "request {i} got someone else's answer: {body}"
+        );
         ok += 1;
     }
     assert_eq!(ok, 1000);
@@ -47,7 +50,9 @@ async fn a_client_that_leaves_during_the_cold_start_cancels_nothing() {
     let _ = first.await;
 
     // Others that were waiting are still served.
-    let waiters: Vec<_> = (0..10).map(|_| tokio::spawn(async move { get_text(addr, "/app/w").await })).collect();
+    let waiters: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get_text(addr, "/app/w").await }))
+        .collect();
     for w in waiters {
         assert_eq!(w.await.unwrap().0, StatusCode::OK);
     }
@@ -71,11 +76,16 @@ async fn a_failed_start_answers_every_waiter_then_backs_off_and_recovers() {
     let handle = route.handle();
     let addr = front(route).await;
 
-    let waiters: Vec<_> = (0..20).map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await })).collect();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await }))
+        .collect();
     for w in waiters {
         let (status, headers, body) = w.await.unwrap();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(body.contains("no capacity"), "the reason must reach the client: {body}");
+        assert!(
+            body.contains("no capacity"),
+            "the reason must reach the client: {body}"
+        );
         assert!(headers.contains_key("retry-after"));
     }
     assert_eq!(backend.starts(), 1, "one start for all twenty");
@@ -112,7 +122,11 @@ async fn a_backend_that_never_becomes_healthy_gets_504_and_the_lifecycle_recover
     let (status, _, body) = get_text(addr, "/app/x").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert!(body.contains("did not become ready"), "{body}");
-    assert_eq!(handle.state(), State::Creating, "the start goes on after the waiter's deadline");
+    assert_eq!(
+        handle.state(),
+        State::Creating,
+        "the start goes on after the waiter's deadline"
+    );
 
     // The start gives up at start_timeout, stops the machine, and the lifecycle is usable again.
     eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
@@ -131,13 +145,19 @@ async fn over_max_pending_gets_503_at_once_and_the_rest_are_served() {
     let handle = route.handle();
     let addr = front(route).await;
 
-    let waiters: Vec<_> = (0..5).map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await })).collect();
+    let waiters: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(async move { get_text(addr, "/app/x").await }))
+        .collect();
     eventually(Duration::from_secs(5), || handle.pending() == 5).await;
     let (status, headers, body) = get_text(addr, "/app/extra").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.contains_key("retry-after"));
     assert!(body.contains("already waiting"), "{body}");
-    assert_eq!(handle.state(), State::Creating, "the excess request was refused while the start was still going");
+    assert_eq!(
+        handle.state(),
+        State::Creating,
+        "the excess request was refused while the start was still going"
+    );
     for w in waiters {
         assert_eq!(w.await.unwrap().0, StatusCode::OK);
     }
@@ -147,7 +167,10 @@ async fn over_max_pending_gets_503_at_once_and_the_rest_are_served() {
 #[tokio::test]
 async fn idle_machine_is_stopped_once() {
     let backend = FakeBackend::new(Duration::ZERO);
-    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(300))).build().unwrap();
+    let route = route(backend.clone())
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
     let handle = route.handle();
     let addr = front(route).await;
     assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
@@ -161,17 +184,26 @@ async fn idle_machine_is_stopped_once() {
 #[tokio::test]
 async fn a_long_streaming_response_keeps_the_machine_alive() {
     let backend = FakeBackend::new(Duration::ZERO);
-    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(200))).build().unwrap();
+    let route = route(backend.clone())
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .build()
+        .unwrap();
     let handle = route.handle();
     let addr = front(route).await;
 
     // 12 chunks, 100 ms apart: 1.2 s of streaming, six idle timeouts long.
-    let req = http::Request::get("/app/stream?chunks=12&every_ms=100").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let req = http::Request::get("/app/stream?chunks=12&every_ms=100")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
     let res = send(addr, req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 12);
-    assert_eq!(backend.stops(), 0, "stopped while a response was still streaming");
+    assert_eq!(
+        backend.stops(),
+        0,
+        "stopped while a response was still streaming"
+    );
     assert!(matches!(handle.state(), State::Running(_)));
     eventually(Duration::from_secs(5), || handle.state() == State::Absent).await;
     assert_eq!(backend.stops(), 1);
@@ -183,11 +215,16 @@ async fn an_open_websocket_keeps_the_machine_alive() {
     use tokio_tungstenite::tungstenite::Message;
 
     let backend = FakeBackend::new(Duration::ZERO);
-    let route = route(backend.clone()).idle_timeout(Some(Duration::from_millis(200))).build().unwrap();
+    let route = route(backend.clone())
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .build()
+        .unwrap();
     let handle = route.handle();
     let addr = front(route).await;
 
-    let (mut ws, res) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws")).await.unwrap();
+    let (mut ws, res) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..3 {
         ws.send(Message::text(format!("hello {i}"))).await.unwrap();
@@ -261,7 +298,11 @@ async fn a_vanished_machine_is_started_again_and_the_request_retried() {
     backend.vanish(); // preempted, killed from outside: no stop call, connections refused
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (status, _, body) = get_text(addr, "/app/after").await;
-    assert_eq!(status, StatusCode::OK, "retried once after a new start: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "retried once after a new start: {body}"
+    );
     assert_eq!(backend.starts(), 2);
     assert_ne!(backend.addr().unwrap(), first, "served at the new address");
     assert!(matches!(handle.state(), State::Running(_)));

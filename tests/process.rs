@@ -16,17 +16,29 @@ use vmproxy::{Route, State};
 /// Whether `pid` is a live process (a zombie awaiting its reaper counts as gone).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
 
 fn python_backend() -> Arc<ProcessBackend> {
     Arc::new(
-        ProcessBackend::new(["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"])
-            .unwrap()
-            .quiet(true)
-            .stop_grace(Duration::from_secs(2)),
+        ProcessBackend::new([
+            "python3",
+            "-m",
+            "http.server",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+        ])
+        .unwrap()
+        .quiet(true)
+        .stop_grace(Duration::from_secs(2)),
     )
 }
 
@@ -79,7 +91,10 @@ async fn a_crash_during_boot_fails_the_start_quickly() {
 #[tokio::test]
 async fn a_command_that_does_not_exist_is_a_503_with_the_reason() {
     let backend = ProcessBackend::new(["/nonexistent/vmproxy-test-binary", "{port}"]).unwrap();
-    let route = Route::builder("/", backend).health_path("/").build().unwrap();
+    let route = Route::builder("/", backend)
+        .health_path("/")
+        .build()
+        .unwrap();
     let addr = front(route).await;
     let (status, _, body) = get_text(addr, "/x").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

@@ -28,7 +28,10 @@ async fn echo_of(addr: SocketAddr, req: Request<Empty<Bytes>>) -> serde_json::Va
 }
 
 fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
-    echo["headers"][name].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap()).collect()).unwrap_or_default()
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -49,8 +52,19 @@ async fn hop_by_hop_headers_do_not_reach_the_backend() {
         .body(Empty::new())
         .unwrap();
     let echo = echo_of(addr, req).await;
-    for name in ["x-secret-one", "x-secret-two", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"] {
-        assert!(header(&echo, name).is_empty(), "{name} reached the backend: {echo}");
+    for name in [
+        "x-secret-one",
+        "x-secret-two",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            header(&echo, name).is_empty(),
+            "{name} reached the backend: {echo}"
+        );
     }
     // The backend's own connection handling may add `connection`, but none of the client's tokens.
     for v in header(&echo, "connection") {
@@ -71,7 +85,10 @@ async fn forwarding_headers_are_set_and_host_is_kept() {
     let echo = echo_of(addr, req).await;
     assert_eq!(echo["uri"], "/app/f?q=1");
     assert_eq!(header(&echo, "host"), ["client.example:8443"]);
-    assert_eq!(header(&echo, "x-forwarded-for"), ["203.0.113.9, 198.51.100.2, 127.0.0.1"]);
+    assert_eq!(
+        header(&echo, "x-forwarded-for"),
+        ["203.0.113.9, 198.51.100.2, 127.0.0.1"]
+    );
     assert_eq!(header(&echo, "x-forwarded-host"), ["client.example:8443"]);
     assert_eq!(header(&echo, "x-forwarded-proto"), ["http"]);
     assert_eq!(header(&echo, "via"), ["1.1 vmproxy"]);
@@ -80,7 +97,10 @@ async fn forwarding_headers_are_set_and_host_is_kept() {
 #[tokio::test]
 async fn response_hop_by_hop_headers_are_removed_and_via_added() {
     let (addr, _b) = warm_front().await;
-    let req = Request::get("/app/r").header("host", "h").body(Empty::<Bytes>::new()).unwrap();
+    let req = Request::get("/app/r")
+        .header("host", "h")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let res = send(addr, req).await.unwrap();
     assert_eq!(res.headers()["via"], "1.1 vmproxy");
     assert!(res.headers().get("keep-alive").is_none());
@@ -91,8 +111,10 @@ async fn trailers_pass_both_ways() {
     let (addr, _b) = warm_front().await;
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-client-checksum", "abc".parse().unwrap());
-    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
-        vec![Ok(Frame::data(Bytes::from_static(b"hello"))), Ok(Frame::trailers(trailers))];
+    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"hello"))),
+        Ok(Frame::trailers(trailers)),
+    ];
     let req = Request::post("/app/trailers")
         .header("host", "h")
         .header("te", "trailers")
@@ -102,9 +124,15 @@ async fn trailers_pass_both_ways() {
     let res = send(addr, req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let collected = res.into_body().collect().await.unwrap();
-    let got = collected.trailers().cloned().expect("response trailers were dropped");
+    let got = collected
+        .trailers()
+        .cloned()
+        .expect("response trailers were dropped");
     assert_eq!(got["x-backend-trailer"], "yes");
-    assert_eq!(got["x-client-checksum"], "abc", "request trailers did not reach the backend");
+    assert_eq!(
+        got["x-client-checksum"], "abc",
+        "request trailers did not reach the backend"
+    );
     assert_eq!(collected.to_bytes(), "body");
 }
 
@@ -113,14 +141,20 @@ async fn other_paths_reach_the_inner_service() {
     let (addr, backend) = warm_front().await;
     assert_eq!(get_text(addr, "/").await.2, "front");
     let (status, _, body) = get_text(addr, "/apple").await;
-    assert_eq!((status, body.as_str()), (StatusCode::NOT_FOUND, "front 404 /apple"));
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::NOT_FOUND, "front 404 /apple")
+    );
     let (status, _, body) = get_text(addr, "/other/app").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // Served by the machine: the exact prefix and below it.
     for p in ["/app", "/app/", "/app/x/y"] {
         let (status, _, body) = get_text(addr, p).await;
         assert_eq!(status, StatusCode::OK, "{p}: {body}");
-        assert!(body.contains("\"method\""), "{p} did not reach the machine: {body}");
+        assert!(
+            body.contains("\"method\""),
+            "{p} did not reach the machine: {body}"
+        );
     }
     assert_eq!(backend.starts(), 1);
 }
@@ -128,7 +162,11 @@ async fn other_paths_reach_the_inner_service() {
 /// Sends a raw request line, so no client library normalizes the path first.
 async fn raw(addr: SocketAddr, target: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -140,21 +178,42 @@ async fn raw(addr: SocketAddr, target: &str) -> (u16, String) {
 async fn dot_segments_and_encoded_slashes_neither_escape_nor_skip_the_prefix() {
     let (addr, _b) = warm_front().await;
     // Escape attempts: never reach the machine with a path outside /app.
-    for target in ["/app/../admin", "/app/%2e%2e/admin", "/app/.%2E/admin", "/app/x/../../admin"] {
+    for target in [
+        "/app/../admin",
+        "/app/%2e%2e/admin",
+        "/app/.%2E/admin",
+        "/app/x/../../admin",
+    ] {
         let (status, text) = raw(addr, target).await;
         assert_eq!(status, 404, "{target}: {text}");
-        assert!(text.contains("front 404"), "{target} must go to the front, not the machine: {text}");
+        assert!(
+            text.contains("front 404"),
+            "{target} must go to the front, not the machine: {text}"
+        );
     }
     // Encoded separators near the prefix: refused.
-    for target in ["/app/x%2F..%2F..%2Fadmin", "/app%2Fx", "/x%2f..%2fapp/y", "/app/a%5Cb"] {
+    for target in [
+        "/app/x%2F..%2F..%2Fadmin",
+        "/app%2Fx",
+        "/x%2f..%2fapp/y",
+        "/app/a%5Cb",
+    ] {
         let (status, text) = raw(addr, target).await;
         assert_eq!(status, 400, "{target}: {text}");
     }
     // Skip attempts: still the machine's, forwarded normalized.
-    for (target, seen) in [("/admin/../app/x", "/app/x"), ("/x/%2e%2e/app/y", "/app/y"), ("/%61pp/z", "/app/z"), ("/./app/./w", "/app/w")] {
+    for (target, seen) in [
+        ("/admin/../app/x", "/app/x"),
+        ("/x/%2e%2e/app/y", "/app/y"),
+        ("/%61pp/z", "/app/z"),
+        ("/./app/./w", "/app/w"),
+    ] {
         let (status, text) = raw(addr, target).await;
         assert_eq!(status, 200, "{target}: {text}");
-        assert!(text.contains(&format!("\"uri\":\"{seen}\"")), "{target} should be forwarded as {seen}: {text}");
+        assert!(
+            text.contains(&format!("\"uri\":\"{seen}\"")),
+            "{target} should be forwarded as {seen}: {text}"
+        );
     }
 }
 

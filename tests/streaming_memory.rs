@@ -30,14 +30,22 @@ async fn sixty_four_mib_stream_through_without_being_held() {
 
     // Request: 64 MiB produced chunk by chunk; the backend counts it as it streams.
     let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
-    let up = futures_util::stream::iter((0..1024).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))));
-    let req = Request::post("/app/sink").header("host", "h").body(StreamBody::new(up)).unwrap();
+    let up = futures_util::stream::iter(
+        (0..1024).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::post("/app/sink")
+        .header("host", "h")
+        .body(StreamBody::new(up))
+        .unwrap();
     let res = send(addr, req).await.unwrap();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, (64 * MIB).to_string());
 
     // Response: 64 MiB, read chunk by chunk.
-    let req = Request::get("/app/big?mib=64").header("host", "h").body(Empty::<Bytes>::new()).unwrap();
+    let req = Request::get("/app/big?mib=64")
+        .header("host", "h")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let res = send(addr, req).await.unwrap();
     let mut body = res.into_body();
     let mut n = 0u64;
@@ -50,6 +58,8 @@ async fn sixty_four_mib_stream_through_without_being_held() {
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
     // Client, proxy and backend share this process: a proxy that buffered either body would add
     // at least 64 MiB.
-    assert!(grown_mib < 32, "memory grew by {grown_mib} MiB while streaming 2 × 64 MiB");
+    assert!(
+        grown_mib < 32,
+        "memory grew by {grown_mib} MiB while streaming 2 × 64 MiB"
+    );
 }
-

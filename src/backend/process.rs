@@ -74,7 +74,9 @@ impl ProcessBackend {
         S: Into<String>,
     {
         let mut parts = command.into_iter().map(Into::into);
-        let program = parts.next().ok_or_else(|| ConfigError::new("command", "is empty"))?;
+        let program = parts
+            .next()
+            .ok_or_else(|| ConfigError::new("command", "is empty"))?;
         if program.trim().is_empty() {
             return Err(ConfigError::new("command", "the program name is empty"));
         }
@@ -131,7 +133,9 @@ impl ProcessBackend {
 
     fn spawn(&self) -> std::io::Result<Running> {
         // The kernel picks a free port; the child binds it a moment later.
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
         let port_text = port.to_string();
         let mut cmd = Command::new(&self.program);
         cmd.args(self.args.iter().map(|a| a.replace("{port}", &port_text)))
@@ -148,9 +152,15 @@ impl ProcessBackend {
         }
         die_with_parent(&mut cmd);
         let child = cmd.spawn()?;
-        let pid = child.id().ok_or_else(|| std::io::Error::other("the child exited at once"))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the child exited at once"))?;
         let pid = Pid::from_raw(i32::try_from(pid).map_err(std::io::Error::other)?);
-        Ok(Running { child, pgid: pid, endpoint: Endpoint::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port))) })
+        Ok(Running {
+            child,
+            pgid: pid,
+            endpoint: Endpoint::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        })
     }
 }
 

@@ -70,8 +70,13 @@ pub(crate) enum Admit {
 /// Why a request was refused without waiting.
 #[derive(Debug)]
 pub(crate) enum Reject {
-    Overloaded { max_pending: usize },
-    BackingOff { error: Arc<BoxError>, retry_after: Duration },
+    Overloaded {
+        max_pending: usize,
+    },
+    BackingOff {
+        error: Arc<BoxError>,
+        retry_after: Duration,
+    },
 }
 
 /// What a waiter holds: the failure count when it began to wait, so it learns of a failed start
@@ -85,7 +90,10 @@ pub(crate) struct Ticket {
 #[derive(Debug)]
 pub(crate) enum Claim {
     Ready(Endpoint),
-    Failed { error: Arc<BoxError>, retry_after: Duration },
+    Failed {
+        error: Arc<BoxError>,
+        retry_after: Duration,
+    },
     Wait,
 }
 
@@ -206,7 +214,9 @@ impl Machine {
             }
         }
         if self.pending >= self.limits.max_pending {
-            return Admit::Reject(Reject::Overloaded { max_pending: self.limits.max_pending });
+            return Admit::Reject(Reject::Overloaded {
+                max_pending: self.limits.max_pending,
+            });
         }
         let mut action = Action::None;
         if self.state == State::Absent {
@@ -222,15 +232,25 @@ impl Machine {
             action = Action::Start;
         }
         self.pending += 1;
-        Admit::Wait { ticket: Ticket { failures: self.failures }, action }
+        Admit::Wait {
+            ticket: Ticket {
+                failures: self.failures,
+            },
+            action,
+        }
     }
 
     /// A waiter looks at the state after being woken.
     pub(crate) fn claim(&mut self, ticket: Ticket, now: Instant) -> Claim {
         if self.failures > ticket.failures {
             self.pending -= 1;
-            let error = self.last_failure.clone().expect("a failure count implies an error");
-            let retry_after = self.backoff_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+            let error = self
+                .last_failure
+                .clone()
+                .expect("a failure count implies an error");
+            let retry_after = self
+                .backoff_until
+                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
             return Claim::Failed { error, retry_after };
         }
         match self.state {
@@ -273,7 +293,11 @@ impl Machine {
         self.last_failure = Some(error);
         self.stop_after_start = false;
         let exp = self.consecutive_failures.saturating_sub(1).min(16);
-        let backoff = self.limits.start_backoff.saturating_mul(1 << exp).min(self.limits.max_start_backoff);
+        let backoff = self
+            .limits
+            .start_backoff
+            .saturating_mul(1 << exp)
+            .min(self.limits.max_start_backoff);
         self.backoff_until = Some(now + backoff);
     }
 
@@ -445,7 +469,11 @@ mod tests {
         let (a, act) = wait(m.admit(t));
         assert_eq!(act, Action::Start);
         let (b, act) = wait(m.admit(t));
-        assert_eq!(act, Action::None, "a second request must not start the machine again");
+        assert_eq!(
+            act,
+            Action::None,
+            "a second request must not start the machine again"
+        );
         assert_eq!(m.state(), State::Creating);
         assert!(matches!(m.claim(a, t), Claim::Wait));
         assert_eq!(m.start_succeeded(ep(1), t), Action::None);
@@ -463,7 +491,10 @@ mod tests {
         for _ in 0..3 {
             let _ = wait(m.admit(t));
         }
-        assert!(matches!(m.admit(t), Admit::Reject(Reject::Overloaded { max_pending: 3 })));
+        assert!(matches!(
+            m.admit(t),
+            Admit::Reject(Reject::Overloaded { max_pending: 3 })
+        ));
         m.abandon();
         let _ = wait(m.admit(t));
     }
@@ -499,7 +530,9 @@ mod tests {
         let (c, act) = wait(m.admit(t2));
         assert_eq!(act, Action::Start);
         m.start_failed(err("boom again"), t2);
-        assert!(matches!(m.claim(c, t2), Claim::Failed { retry_after, .. } if retry_after == Duration::from_secs(2)));
+        assert!(
+            matches!(m.claim(c, t2), Claim::Failed { retry_after, .. } if retry_after == Duration::from_secs(2))
+        );
         // A success resets the back-off.
         let t3 = t2 + Duration::from_secs(2);
         let (d, act) = wait(m.admit(t3));
@@ -521,7 +554,9 @@ mod tests {
             now += Duration::from_secs(8);
         }
         match m.admit(now - Duration::from_secs(8)) {
-            Admit::Reject(Reject::BackingOff { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(8)),
+            Admit::Reject(Reject::BackingOff { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_secs(8))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -547,7 +582,11 @@ mod tests {
         let _ = m.start_succeeded(ep(1), t);
         assert!(matches!(m.claim(a, t), Claim::Ready(_)));
         let later = t + Duration::from_secs(61);
-        assert_eq!(m.idle(later), Idle::At(later + Duration::from_secs(60)), "in flight: not idle");
+        assert_eq!(
+            m.idle(later),
+            Idle::At(later + Duration::from_secs(60)),
+            "in flight: not idle"
+        );
         assert_eq!(m.release(later), Action::None);
         assert_eq!(m.idle(later), Idle::At(later + Duration::from_secs(60)));
         let due = later + Duration::from_secs(60);
@@ -562,7 +601,13 @@ mod tests {
     #[test]
     fn idle_can_be_disabled() {
         let t = Instant::now();
-        let mut m = Machine::new(Limits { idle_timeout: None, ..limits() }, t);
+        let mut m = Machine::new(
+            Limits {
+                idle_timeout: None,
+                ..limits()
+            },
+            t,
+        );
         let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
@@ -634,7 +679,10 @@ mod tests {
         // While suspect, requests wait instead of hitting the dead endpoint.
         let (a, act) = wait(m.admit(t));
         assert_eq!(act, Action::None);
-        assert_eq!(m.idle(t + Duration::from_secs(3600)), Idle::At(t + Duration::from_secs(3660)));
+        assert_eq!(
+            m.idle(t + Duration::from_secs(3600)),
+            Idle::At(t + Duration::from_secs(3660))
+        );
         assert_eq!(m.gone(ep(1), t), Action::Start);
         let _ = m.start_succeeded(ep(2), t);
         assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(2)));

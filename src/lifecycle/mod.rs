@@ -44,8 +44,8 @@ use crate::backend::{Backend, Endpoint, Status};
 use crate::probe::{self, ProbeConfig};
 use crate::{BoxError, Error};
 
-pub use machine::State;
 pub(crate) use machine::Limits;
+pub use machine::State;
 use machine::{Action, Admit, Claim, Idle, Machine, Reject};
 
 /// Timings of one lifecycle besides the limits the state machine itself applies.
@@ -69,7 +69,10 @@ pub(crate) struct Lifecycle {
 
 impl std::fmt::Debug for Lifecycle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lifecycle").field("name", &self.name).field("state", &*self.tx.borrow()).finish()
+        f.debug_struct("Lifecycle")
+            .field("name", &self.name)
+            .field("state", &*self.tx.borrow())
+            .finish()
     }
 }
 
@@ -125,7 +128,9 @@ impl Lifecycle {
                     machine = %self.name, from = before.name(), to = after.name(), %ep,
                     took = ?age, "{what}"
                 ),
-                _ => info!(machine = %self.name, from = before.name(), to = after.name(), took = ?age, "{what}"),
+                _ => {
+                    info!(machine = %self.name, from = before.name(), to = after.name(), took = ?age, "{what}")
+                }
             }
         }
         // Always notify: waiters re-check under the lock, so a spurious wake-up is harmless
@@ -158,7 +163,10 @@ impl Lifecycle {
                     if report {
                         self.report_activity();
                     }
-                    return Ok(Lease { lifecycle: self.clone(), endpoint: ep });
+                    return Ok(Lease {
+                        lifecycle: self.clone(),
+                        endpoint: ep,
+                    });
                 }
                 Admit::Reject(Reject::Overloaded { max_pending }) => {
                     return Err(Error::overloaded(&self.name, max_pending));
@@ -178,7 +186,10 @@ impl Lifecycle {
                 }
             }
         };
-        let mut waiting = Waiting { lifecycle: self, done: false };
+        let mut waiting = Waiting {
+            lifecycle: self,
+            done: false,
+        };
         let wait = async {
             loop {
                 if rx.changed().await.is_err() {
@@ -188,7 +199,10 @@ impl Lifecycle {
                     Claim::Wait => continue,
                     Claim::Ready(ep) => {
                         waiting.done = true;
-                        return Ok(Lease { lifecycle: self.clone(), endpoint: ep });
+                        return Ok(Lease {
+                            lifecycle: self.clone(),
+                            endpoint: ep,
+                        });
                     }
                     Claim::Failed { error, retry_after } => {
                         waiting.done = true;
@@ -199,7 +213,10 @@ impl Lifecycle {
         };
         match tokio::time::timeout(self.timings.cold_start_timeout, wait).await {
             Ok(result) => result,
-            Err(_) => Err(Error::cold_start_timeout(&self.name, self.timings.cold_start_timeout)),
+            Err(_) => Err(Error::cold_start_timeout(
+                &self.name,
+                self.timings.cold_start_timeout,
+            )),
         }
     }
 
@@ -247,9 +264,16 @@ impl Lifecycle {
         }
     }
 
+    // Spelled out so `Send` is stated, not inferred: these futures spawn one another.
+    #[allow(clippy::manual_async_fn)]
     fn run_start(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         async move {
-            let outcome = match tokio::time::timeout(self.timings.start_timeout, self.start_and_probe()).await {
+            let outcome = match tokio::time::timeout(
+                self.timings.start_timeout,
+                self.start_and_probe(),
+            )
+            .await
+            {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!(
                     "not ready within start_timeout ({})",
@@ -270,7 +294,9 @@ impl Lifecycle {
                     if let Err(e) = self.backend.stop().await {
                         warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
                     }
-                    self.decide("start failed", |m, now| m.start_failed(Arc::new(error), now));
+                    self.decide("start failed", |m, now| {
+                        m.start_failed(Arc::new(error), now)
+                    });
                 }
             }
         }
@@ -283,6 +309,8 @@ impl Lifecycle {
         Ok(ep)
     }
 
+    // Spelled out so `Send` is stated, not inferred: these futures spawn one another.
+    #[allow(clippy::manual_async_fn)]
     fn run_stop(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let result = self.backend.stop().await;
@@ -305,14 +333,21 @@ impl Lifecycle {
     }
 
     /// While the machine runs: the idle deadline and the periodic status check.
-    fn watch_running(self: Arc<Self>, generation: u64) -> impl std::future::Future<Output = ()> + Send {
+    // Spelled out so `Send` is stated, not inferred: these futures spawn one another.
+    #[allow(clippy::manual_async_fn)]
+    fn watch_running(
+        self: Arc<Self>,
+        generation: u64,
+    ) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let status_every = self.backend.status_interval();
             let mut next_status = status_every.map(|every| Instant::now() + every);
             loop {
                 let (idle, ep) = {
                     let m = self.lock();
-                    let State::Running(ep) = m.state() else { return };
+                    let State::Running(ep) = m.state() else {
+                        return;
+                    };
                     if m.generation() != generation {
                         return;
                     }
@@ -415,7 +450,9 @@ impl Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("endpoint", &self.endpoint).finish()
+        f.debug_struct("Lease")
+            .field("endpoint", &self.endpoint)
+            .finish()
     }
 }
 

@@ -26,7 +26,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Whether the client asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
 pub(crate) fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
-    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade")).then(|| upgrade.clone())
+    connection_tokens(headers)
+        .any(|t| t.eq_ignore_ascii_case("upgrade"))
+        .then(|| upgrade.clone())
 }
 
 /// Every token of every `Connection` field: one field may be split over several lines, and a
@@ -73,13 +75,22 @@ fn via_value(version: Version) -> HeaderValue {
 }
 
 /// Rewrites a request's headers for the backend.
-pub(crate) fn for_backend(headers: &mut HeaderMap, arrival: &Arrival<'_>, upgrade: Option<HeaderValue>) {
+pub(crate) fn for_backend(
+    headers: &mut HeaderMap,
+    arrival: &Arrival<'_>,
+    upgrade: Option<HeaderValue>,
+) {
     let trailers = headers
         .get_all(header::TE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .any(|t| {
+            t.trim()
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     remove_hop_by_hop(headers);
     if trailers {
         // The one TE value that is end-to-end in effect: the client accepts trailers.
@@ -92,7 +103,10 @@ pub(crate) fn for_backend(headers: &mut HeaderMap, arrival: &Arrival<'_>, upgrad
 
     // HTTP/2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
     if !headers.contains_key(header::HOST) {
-        if let Some(value) = arrival.authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+        if let Some(value) = arrival
+            .authority
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
             headers.insert(header::HOST, value);
         }
     }
@@ -140,7 +154,11 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
 
 /// Appends `value` to a comma-separated list field, keeping it one line.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
-    let existing: Vec<&[u8]> = headers.get_all(&name).iter().map(HeaderValue::as_bytes).collect();
+    let existing: Vec<&[u8]> = headers
+        .get_all(&name)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
     if existing.is_empty() {
         headers.insert(name, value);
         return;
@@ -158,25 +176,49 @@ mod tests {
     use super::*;
 
     fn arrival() -> Arrival<'static> {
-        Arrival { client: Some(([10, 1, 2, 3], 5555).into()), https: false, version: Version::HTTP_11, authority: None }
+        Arrival {
+            client: Some(([10, 1, 2, 3], 5555).into()),
+            https: false,
+            version: Version::HTTP_11,
+            authority: None,
+        }
     }
 
     #[test]
     fn removes_every_connection_named_field() {
         let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive, x-one"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-one"),
+        );
         h.append(header::CONNECTION, HeaderValue::from_static("X-Two"));
         h.insert("x-one", HeaderValue::from_static("1"));
         h.insert("x-two", HeaderValue::from_static("2"));
         h.insert("x-three", HeaderValue::from_static("3"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         for_backend(&mut h, &arrival(), None);
-        for gone in ["connection", "x-one", "x-two", "keep-alive", "te", "transfer-encoding", "proxy-authorization", "proxy-connection", "upgrade"] {
+        for gone in [
+            "connection",
+            "x-one",
+            "x-two",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+            "proxy-connection",
+            "upgrade",
+        ] {
             assert!(!h.contains_key(gone), "{gone} survived");
         }
         assert_eq!(h["x-three"], "3");
@@ -194,7 +236,10 @@ mod tests {
     fn forwarded_for_is_appended_and_written_back() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         for_backend(&mut h, &arrival(), None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
@@ -209,14 +254,29 @@ mod tests {
     fn mapped_ipv4_is_written_as_ipv4() {
         let mut h = HeaderMap::new();
         let client: SocketAddr = "[::ffff:192.0.2.7]:80".parse().unwrap();
-        for_backend(&mut h, &Arrival { client: Some(client), ..arrival() }, None);
+        for_backend(
+            &mut h,
+            &Arrival {
+                client: Some(client),
+                ..arrival()
+            },
+            None,
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
     }
 
     #[test]
     fn host_from_authority_for_http2() {
         let mut h = HeaderMap::new();
-        for_backend(&mut h, &Arrival { authority: Some("example.com:8443"), version: Version::HTTP_2, ..arrival() }, None);
+        for_backend(
+            &mut h,
+            &Arrival {
+                authority: Some("example.com:8443"),
+                version: Version::HTTP_2,
+                ..arrival()
+            },
+            None,
+        );
         assert_eq!(h[header::HOST], "example.com:8443");
         assert_eq!(h[header::VIA], "2 vmproxy");
     }
@@ -224,7 +284,10 @@ mod tests {
     #[test]
     fn connection_cannot_remove_what_the_proxy_adds() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-forwarded-for, via"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-forwarded-for, via"),
+        );
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("9.9.9.9"));
         for_backend(&mut h, &arrival(), None);
         // The named field goes (it was the client's to drop), but the proxy's own entry stays.

@@ -25,12 +25,18 @@ use crate::{BoxError, ClientAddr, Error};
 
 /// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
 /// response or a failure as a response.
-pub(crate) async fn forward<B>(lifecycle: Arc<Lifecycle>, pool: Arc<Pool>, mut req: Request<B>, target: PathAndQuery) -> Response<ProxiedBody>
+pub(crate) async fn forward<B>(
+    lifecycle: Arc<Lifecycle>,
+    pool: Arc<Pool>,
+    mut req: Request<B>,
+    target: PathAndQuery,
+) -> Response<ProxiedBody>
 where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let upgrade = headers::wants_upgrade(req.headers()).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let upgrade = headers::wants_upgrade(req.headers())
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
@@ -40,7 +46,11 @@ where
         version: parts.version,
         authority: authority.as_deref(),
     };
-    headers::for_backend(&mut parts.headers, &arrival, upgrade.as_ref().map(|(p, _)| p.clone()));
+    headers::for_backend(
+        &mut parts.headers,
+        &arrival,
+        upgrade.as_ref().map(|(p, _)| p.clone()),
+    );
     parts.uri = target.into();
     parts.version = Version::HTTP_11;
     let mut upstream = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
@@ -65,7 +75,7 @@ where
                 // Nothing of it was sent: wait for the status check (and a new start, if the
                 // machine is gone) and try once more.
                 retried = true;
-                upstream = request;
+                upstream = *request;
             }
             Err(SendError::Failed(error)) => {
                 return error_response(&Error::upstream(lifecycle.name(), error));
@@ -82,7 +92,11 @@ fn respond(
     let (mut parts, body) = res.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some((protocol, client_side)) = upgrade {
-            let protocol = parts.headers.get(http::header::UPGRADE).cloned().unwrap_or(protocol);
+            let protocol = parts
+                .headers
+                .get(http::header::UPGRADE)
+                .cloned()
+                .unwrap_or(protocol);
             let backend_side = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
             tokio::spawn(splice(client_side, backend_side, lease));
             headers::for_client(&mut parts.headers, Some(protocol));
@@ -119,7 +133,8 @@ pub(crate) fn error_response(e: &Error) -> Response<ProxiedBody> {
 
 /// The client's address, from our own extension or axum's `ConnectInfo`.
 fn client_addr(ext: &http::Extensions) -> Option<SocketAddr> {
-    ext.get::<ClientAddr>()
-        .map(|c| c.0)
-        .or_else(|| ext.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0))
+    ext.get::<ClientAddr>().map(|c| c.0).or_else(|| {
+        ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+    })
 }

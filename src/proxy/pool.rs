@@ -28,7 +28,10 @@ pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Why a request did not get a response.
 pub(crate) enum SendError {
     /// No connection could be made; the request was not sent and is handed back.
-    Connect { error: io::Error, request: Request<UpstreamBody> },
+    Connect {
+        error: io::Error,
+        request: Box<Request<UpstreamBody>>,
+    },
     /// The request failed after (part of) it was sent.
     Failed(hyper::Error),
 }
@@ -48,23 +51,39 @@ pub(crate) struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("idle_timeout", &self.idle_timeout).finish()
+        f.debug_struct("Pool")
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
     }
 }
 
 impl Pool {
     pub(crate) fn new(idle_timeout: Duration, connect_timeout: Duration) -> Self {
-        Pool { idle: Mutex::new(Vec::new()), idle_timeout, connect_timeout, max_idle: 1024 }
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            idle_timeout,
+            connect_timeout,
+            max_idle: 1024,
+        }
     }
 
     /// Sends `req` to `addr` on a pooled connection, or a new one.
-    pub(crate) async fn send(&self, addr: SocketAddr, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+    pub(crate) async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendError> {
         loop {
             let (mut conn, reused) = match self.take(addr) {
                 Some(conn) => (conn, true),
                 None => match self.connect(addr).await {
                     Ok(conn) => (conn, false),
-                    Err(error) => return Err(SendError::Connect { error, request: req }),
+                    Err(error) => {
+                        return Err(SendError::Connect {
+                            error,
+                            request: Box::new(req),
+                        })
+                    }
                 },
             };
             match conn.tx.try_send_request(req).await {
@@ -94,7 +113,9 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let c = &idle[i];
-            let stale = c.addr != addr || c.tx.is_closed() || now.saturating_duration_since(c.idle_since) > self.idle_timeout;
+            let stale = c.addr != addr
+                || c.tx.is_closed()
+                || now.saturating_duration_since(c.idle_since) > self.idle_timeout;
             if stale {
                 idle.swap_remove(i);
             } else if c.tx.is_ready() {
@@ -119,7 +140,12 @@ impl Pool {
     async fn connect(&self, addr: SocketAddr) -> io::Result<Conn> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {addr} timed out"),
+                )
+            })??;
         let _ = stream.set_nodelay(true);
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -130,6 +156,10 @@ impl Pool {
                 debug!(%addr, error = %e, "backend connection ended with an error");
             }
         });
-        Ok(Conn { addr, tx, idle_since: Instant::now() })
+        Ok(Conn {
+            addr,
+            tx,
+            idle_since: Instant::now(),
+        })
     }
 }

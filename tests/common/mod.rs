@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, Request};
 use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -36,20 +36,28 @@ pub struct Knobs {
     pub unhealthy: AtomicBool,
 }
 
+type Server = (SocketAddr, JoinHandle<()>);
+
 /// A fake machine: `start` sleeps `boot`, then serves the test app on 127.0.0.1:0.
 #[derive(Clone, Default)]
 pub struct FakeBackend {
     pub starts: Arc<AtomicUsize>,
     pub stops: Arc<AtomicUsize>,
     pub knobs: Arc<Knobs>,
-    server: Arc<Mutex<Option<(SocketAddr, JoinHandle<()>)>>>,
+    server: Arc<Mutex<Option<Server>>>,
 }
 
 impl FakeBackend {
     pub fn new(boot: Duration) -> Self {
         let b = FakeBackend::default();
-        let knobs = Knobs { boot, ..Knobs::default() };
-        FakeBackend { knobs: Arc::new(knobs), ..b }
+        let knobs = Knobs {
+            boot,
+            ..Knobs::default()
+        };
+        FakeBackend {
+            knobs: Arc::new(knobs),
+            ..b
+        }
     }
 
     pub fn starts(&self) -> usize {
@@ -121,7 +129,12 @@ pub async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
     });
     (addr, task)
 }
@@ -154,8 +167,13 @@ pub fn backend_app(knobs: Arc<Knobs>) -> Router {
 async fn echo(req: Request) -> impl IntoResponse {
     let mut headers = serde_json::Map::new();
     for (name, value) in req.headers() {
-        let entry = headers.entry(name.as_str().to_owned()).or_insert_with(|| serde_json::Value::Array(vec![]));
-        entry.as_array_mut().unwrap().push(String::from_utf8_lossy(value.as_bytes()).into());
+        let entry = headers
+            .entry(name.as_str().to_owned())
+            .or_insert_with(|| serde_json::Value::Array(vec![]));
+        entry
+            .as_array_mut()
+            .unwrap()
+            .push(String::from_utf8_lossy(value.as_bytes()).into());
     }
     let body = serde_json::json!({
         "method": req.method().as_str(),
@@ -178,7 +196,10 @@ async fn stream(Query(p): Query<StreamParams>) -> Response {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(p.every_ms)).await;
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))),
+            i + 1,
+        ))
     });
     Response::new(Body::new(StreamBody::new(s)))
 }
@@ -216,11 +237,21 @@ async fn trailers(req: Request) -> Response {
     let collected = req.into_body().collect().await.unwrap();
     let mut out = collected.trailers().cloned().unwrap_or_default();
     out.insert("x-backend-trailer", "yes".parse().unwrap());
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from_static(b"body"))), Ok(Frame::trailers(out.clone()))];
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"body"))),
+        Ok(Frame::trailers(out.clone())),
+    ];
     // HTTP/1.1 sends only the trailer fields announced in `Trailer` (RFC 9110 §6.6.2).
-    let announced = out.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
-    let mut res = Response::new(Body::new(StreamBody::new(futures_util::stream::iter(frames))));
-    res.headers_mut().insert("trailer", announced.parse().unwrap());
+    let announced = out
+        .keys()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut res = Response::new(Body::new(StreamBody::new(futures_util::stream::iter(
+        frames,
+    ))));
+    res.headers_mut()
+        .insert("trailer", announced.parse().unwrap());
     res
 }
 
@@ -240,7 +271,9 @@ async fn ws(upgrade: WebSocketUpgrade) -> Response {
 pub fn front_app(layer: VmProxyLayer) -> Router {
     Router::new()
         .route("/", get(|| async { "front" }))
-        .fallback(|req: Request| async move { (StatusCode::NOT_FOUND, format!("front 404 {}", req.uri())) })
+        .fallback(|req: Request| async move {
+            (StatusCode::NOT_FOUND, format!("front 404 {}", req.uri()))
+        })
         .layer(layer)
 }
 
@@ -258,7 +291,10 @@ pub async fn front(route: Route) -> SocketAddr {
 }
 
 /// Sends one request on a fresh connection and returns the response (body not read).
-pub async fn send<B>(addr: SocketAddr, req: http::Request<B>) -> Result<http::Response<hyper::body::Incoming>, BoxError>
+pub async fn send<B>(
+    addr: SocketAddr,
+    req: http::Request<B>,
+) -> Result<http::Response<hyper::body::Incoming>, BoxError>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -274,18 +310,28 @@ where
 
 /// GET `path`; returns status, headers and body text.
 pub async fn get_text(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
-    let req = http::Request::get(path).header("host", "front.test").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let req = http::Request::get(path)
+        .header("host", "front.test")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
     let res = send(addr, req).await.unwrap();
     let (parts, body) = res.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
-    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 /// Waits until `f` is true, polling; panics after `limit` (a safety net, not a timing check).
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
