@@ -54,6 +54,11 @@ pub use lifecycle::{Handle, State};
 pub use route::{ConfigError, Route, RouteBuilder};
 pub use service::VmProxy;
 
+// The README's Rust examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The error type at the crate's edges.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
