@@ -414,6 +414,12 @@ impl GceBackendBuilder {
     }
 }
 
+/// Whether `name` is a valid Compute Engine instance name:
+/// `[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?`.
+pub fn is_valid_name(name: &str) -> bool {
+    spec::is_rfc1035_name(name)
+}
+
 fn check_url(field: &'static str, url: &str) -> Result<String, ConfigError> {
     let uri: http::Uri = url
         .parse()

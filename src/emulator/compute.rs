@@ -1,0 +1,937 @@
+//! The Compute v1 subset: routing, auth, fault injection, validation and the methods.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, Method, StatusCode, Uri};
+use serde_json::{json, Map, Value};
+
+use super::state::{fingerprint, now_rfc3339, BootKind, Inst, Key, World};
+use super::vm;
+use super::Call;
+
+pub(crate) fn json_response(status: StatusCode, v: Value) -> Response {
+    (
+        status,
+        [(
+            http::header::CONTENT_TYPE,
+            "application/json; charset=UTF-8",
+        )],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// A Google API error body.
+pub(crate) fn api_error(status: u16, reason: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let grpc = match status {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        409 => "ALREADY_EXISTS",
+        412 => "FAILED_PRECONDITION",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    };
+    json_response(
+        code,
+        json!({ "error": {
+            "code": status,
+            "message": message,
+            "errors": [{ "domain": "global", "reason": reason, "message": message }],
+            "status": grpc,
+        }}),
+    )
+}
+
+enum Route {
+    Insert { project: String, zone: String },
+    Get(Key),
+    Delete(Key),
+    Action(Key, &'static str),
+    OpGet { zone: String, op: String },
+    OpWait { zone: String, op: String },
+}
+
+fn route(method: &Method, path: &str) -> Option<(&'static str, Route)> {
+    let rest = path.strip_prefix("/compute/v1/")?;
+    let segs: Vec<&str> = rest.split('/').collect();
+    let key = |p: &str, z: &str, n: &str| (p.to_owned(), z.to_owned(), n.to_owned());
+    Some(match (method.as_str(), segs.as_slice()) {
+        ("POST", ["projects", p, "zones", z, "instances"]) => (
+            "instances.insert",
+            Route::Insert {
+                project: (*p).to_owned(),
+                zone: (*z).to_owned(),
+            },
+        ),
+        ("GET", ["projects", p, "zones", z, "instances", n]) => {
+            ("instances.get", Route::Get(key(p, z, n)))
+        }
+        ("DELETE", ["projects", p, "zones", z, "instances", n]) => {
+            ("instances.delete", Route::Delete(key(p, z, n)))
+        }
+        ("POST", ["projects", p, "zones", z, "instances", n, action]) => {
+            let m = match *action {
+                "start" => "instances.start",
+                "stop" => "instances.stop",
+                "suspend" => "instances.suspend",
+                "resume" => "instances.resume",
+                "setLabels" => "instances.setLabels",
+                _ => return None,
+            };
+            (m, Route::Action(key(p, z, n), m))
+        }
+        ("GET", ["projects", _, "zones", z, "operations", op]) => (
+            "zoneOperations.get",
+            Route::OpGet {
+                zone: (*z).to_owned(),
+                op: (*op).to_owned(),
+            },
+        ),
+        ("POST", ["projects", _, "zones", z, "operations", op, "wait"]) => (
+            "zoneOperations.wait",
+            Route::OpWait {
+                zone: (*z).to_owned(),
+                op: (*op).to_owned(),
+            },
+        ),
+        _ => return None,
+    })
+}
+
+fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, l)| g.len() == l && g.bytes().all(|c| c.is_ascii_hexdigit()))
+        && s.bytes().any(|c| c != b'0' && c != b'-')
+}
+
+fn not_found(kind: &str, project: &str, zone: &str, name: &str) -> Response {
+    api_error(
+        404,
+        "notFound",
+        format!("The resource 'projects/{project}/zones/{zone}/{kind}/{name}' was not found"),
+    )
+}
+
+/// Every Compute API request.
+pub(crate) async fn handle(
+    world: Arc<World>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    let Some((name, route)) = route(&method, &path) else {
+        let res = api_error(
+            404,
+            "notFound",
+            format!("The requested URL {path} was not found on this server."),
+        );
+        log(&world, "unknown", &method, &uri, 404);
+        return res;
+    };
+    let res = handle_route(&world, name, route, &uri, &headers, &body).await;
+    log(&world, name, &method, &uri, res.status().as_u16());
+    res
+}
+
+fn log(world: &World, name: &str, method: &Method, uri: &Uri, status: u16) {
+    tracing::debug!(target: "vmproxy::emulator", call = name, %method, %uri, status, "compute call");
+    world.lock().calls.push(Call {
+        method: name.to_owned(),
+        http_method: method.to_string(),
+        path: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned()),
+        status,
+    });
+}
+
+async fn handle_route(
+    world: &Arc<World>,
+    name: &'static str,
+    route: Route,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    {
+        let mut st = world.lock();
+        if !token.is_some_and(|t| st.tokens.contains(t)) {
+            drop(st);
+            let mut res = api_error(
+                401,
+                "authError",
+                "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
+            );
+            res.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"https://accounts.google.com/\""),
+            );
+            return res;
+        }
+        if let Some((status, reason)) = st.take_fault(name) {
+            drop(st);
+            return api_error(
+                status,
+                &reason,
+                format!("Injected fault for {name}: {reason}"),
+            );
+        }
+    }
+    let request_id = query_param(uri, "requestId");
+    if let Some(rid) = request_id {
+        if !is_uuid(rid) {
+            return api_error(400, "invalid", format!("Invalid value for field 'requestId': '{rid}'. The requestId must be a valid UUID (not all zeros)."));
+        }
+        let st = world.lock();
+        if let Some(op) = st.request_ids.get(rid).and_then(|o| st.ops.get(o)) {
+            return json_response(StatusCode::OK, op.to_json());
+        }
+    }
+    match route {
+        Route::Insert { project, zone } => insert(world, project, zone, request_id, body),
+        Route::Get(key) => {
+            let st = world.lock();
+            match st.instances.get(&key) {
+                Some(i) => json_response(StatusCode::OK, i.to_json()),
+                None => not_found("instances", &key.0, &key.1, &key.2),
+            }
+        }
+        Route::Delete(key) => delete(world, key, request_id),
+        Route::Action(key, "instances.setLabels") => set_labels(world, key, request_id, body),
+        Route::Action(key, action) => act(world, key, action, request_id),
+        Route::OpGet { zone, op } => {
+            let st = world.lock();
+            match st.ops.get(&op).filter(|o| o.zone == zone) {
+                Some(o) => json_response(StatusCode::OK, o.to_json()),
+                None => not_found("operations", &world.opts.project, &zone, &op),
+            }
+        }
+        Route::OpWait { zone, op } => wait(world, zone, op).await,
+    }
+}
+
+async fn wait(world: &Arc<World>, zone: String, op: String) -> Response {
+    let deadline = tokio::time::Instant::now() + world.opts.wait_deadline;
+    let mut rx = world.changed.subscribe();
+    loop {
+        let (current, early) = {
+            let st = world.lock();
+            (
+                st.ops.get(&op).filter(|o| o.zone == zone).cloned(),
+                st.wait_early,
+            )
+        };
+        let Some(current) = current else {
+            return not_found("operations", &world.opts.project, &zone, &op);
+        };
+        if current.status == "DONE" || early {
+            return json_response(StatusCode::OK, current.to_json());
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return json_response(StatusCode::OK, current.to_json());
+        }
+    }
+}
+
+const INSTANCE_FIELDS: &[&str] = &[
+    "params",
+    "serviceAccounts",
+    "displayDevice",
+    "fingerprint",
+    "labelFingerprint",
+    "deletionProtection",
+    "networkInterfaces",
+    "resourceStatus",
+    "status",
+    "shieldedInstanceIntegrityPolicy",
+    "confidentialInstanceConfig",
+    "satisfiesPzs",
+    "id",
+    "description",
+    "shieldedInstanceConfig",
+    "keyRevocationActionType",
+    "scheduling",
+    "advancedMachineFeatures",
+    "resourcePolicies",
+    "networkPerformanceConfig",
+    "privateIpv6GoogleAccess",
+    "machineType",
+    "zone",
+    "creationTimestamp",
+    "lastStopTimestamp",
+    "hostname",
+    "guestAccelerators",
+    "reservationAffinity",
+    "startRestricted",
+    "labels",
+    "disks",
+    "sourceMachineImage",
+    "lastSuspendedTimestamp",
+    "name",
+    "sourceMachineImageEncryptionKey",
+    "lastStartTimestamp",
+    "metadata",
+    "kind",
+    "selfLink",
+    "minCpuPlatform",
+    "tags",
+    "instanceEncryptionKey",
+    "cpuPlatform",
+    "statusMessage",
+    "canIpForward",
+];
+const DISK_FIELDS: &[&str] = &[
+    "shieldedInstanceInitialState",
+    "autoDelete",
+    "interface",
+    "type",
+    "boot",
+    "index",
+    "diskEncryptionKey",
+    "source",
+    "deviceName",
+    "kind",
+    "guestOsFeatures",
+    "licenses",
+    "architecture",
+    "diskSizeGb",
+    "savedState",
+    "initializeParams",
+    "forceAttach",
+    "mode",
+];
+const INIT_FIELDS: &[&str] = &[
+    "onUpdateAction",
+    "replicaZones",
+    "labels",
+    "diskType",
+    "architecture",
+    "provisionedIops",
+    "sourceSnapshotEncryptionKey",
+    "sourceImage",
+    "resourcePolicies",
+    "sourceImageEncryptionKey",
+    "diskName",
+    "licenses",
+    "provisionedThroughput",
+    "description",
+    "diskSizeGb",
+    "resourceManagerTags",
+    "sourceSnapshot",
+];
+const NIC_FIELDS: &[&str] = &[
+    "kind",
+    "name",
+    "stackType",
+    "ipv6Address",
+    "networkIP",
+    "fingerprint",
+    "subnetwork",
+    "queueCount",
+    "network",
+    "aliasIpRanges",
+    "nicType",
+    "accessConfigs",
+    "ipv6AccessType",
+    "internalIpv6PrefixLength",
+    "networkAttachment",
+    "ipv6AccessConfigs",
+];
+const ACCESS_FIELDS: &[&str] = &[
+    "publicPtrDomainName",
+    "kind",
+    "networkTier",
+    "setPublicPtr",
+    "natIP",
+    "externalIpv6PrefixLength",
+    "type",
+    "externalIpv6",
+    "name",
+];
+const SCHEDULING_FIELDS: &[&str] = &[
+    "provisioningModel",
+    "onHostMaintenance",
+    "preemptible",
+    "automaticRestart",
+    "locationHint",
+    "nodeAffinities",
+    "instanceTerminationAction",
+    "minNodeCpus",
+];
+const METADATA_FIELDS: &[&str] = &["kind", "items", "fingerprint"];
+const TAGS_FIELDS: &[&str] = &["items", "fingerprint"];
+const SA_FIELDS: &[&str] = &["email", "scopes"];
+
+fn check_fields(v: &Value, allowed: &[&str], at: &str) -> Result<(), String> {
+    let Some(obj) = v.as_object() else {
+        return if v.is_null() {
+            Ok(())
+        } else {
+            Err(format!("Invalid value at '{at}': expected an object"))
+        };
+    };
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!(
+                "Invalid JSON payload received. Unknown name \"{k}\" at '{at}': Cannot find field."
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn rfc1035(s: &str) -> bool {
+    crate::backend::gce::is_valid_name(s)
+}
+
+fn label_ok(k: &str, v: &str) -> bool {
+    let kb = k.as_bytes();
+    let key_ok = !kb.is_empty()
+        && kb.len() <= 63
+        && kb[0].is_ascii_lowercase()
+        && kb
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+    key_ok
+        && v.len() <= 63
+        && v.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+}
+
+fn check_labels(v: &Value, at: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    if v.is_null() {
+        return Ok(out);
+    }
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("Invalid value at '{at}': expected a map"))?;
+    for (k, val) in obj {
+        let val = val
+            .as_str()
+            .ok_or_else(|| format!("Invalid value for label '{k}': expected a string"))?;
+        if !label_ok(k, val) {
+            return Err(format!("Invalid value for field '{at}': label '{k}'='{val}' does not match the label format"));
+        }
+        out.insert(k.clone(), val.to_owned());
+    }
+    Ok(out)
+}
+
+/// What the real API would refuse in an insert body; Ok: (labels, port, delete on preempt, external).
+fn validate_insert(
+    body: &Value,
+    zone: &str,
+    default_port: u16,
+) -> Result<(BTreeMap<String, String>, u16, bool, bool), String> {
+    if !body.is_object() {
+        return Err("Invalid JSON payload received. Expected an object.".into());
+    }
+    check_fields(body, INSTANCE_FIELDS, "resource")?;
+    let name = body["name"].as_str().unwrap_or("");
+    if name.is_empty() {
+        return Err("Invalid value for field 'resource.name': ''. Must be a match of regex '[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?'".into());
+    }
+    if !rfc1035(name) {
+        return Err(format!("Invalid value for field 'resource.name': '{name}'. Must be a match of regex '[a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?'"));
+    }
+    let mt = body["machineType"].as_str().unwrap_or("");
+    let mt_ok = mt.rsplit_once("machineTypes/").is_some_and(|(head, t)| {
+        !t.is_empty()
+            && head
+                .trim_end_matches('/')
+                .ends_with(&format!("zones/{zone}"))
+    });
+    if !mt_ok {
+        return Err(format!("Invalid value for field 'resource.machineType': '{mt}'. Machine type must be a URL of a machine type in zone '{zone}'."));
+    }
+    let disks = body["disks"].as_array().cloned().unwrap_or_default();
+    let boots = disks
+        .iter()
+        .filter(|d| d["boot"].as_bool() == Some(true))
+        .count();
+    if disks.is_empty() || boots != 1 || disks[0]["boot"].as_bool() != Some(true) {
+        return Err("Invalid value for field 'resource.disks': exactly one boot disk is required, and it must come first.".into());
+    }
+    for (i, d) in disks.iter().enumerate() {
+        check_fields(d, DISK_FIELDS, &format!("resource.disks[{i}]"))?;
+        check_fields(
+            &d["initializeParams"],
+            INIT_FIELDS,
+            &format!("resource.disks[{i}].initializeParams"),
+        )?;
+        let init = &d["initializeParams"];
+        if init["sourceImage"].as_str().is_none()
+            && init["sourceSnapshot"].as_str().is_none()
+            && d["source"].as_str().is_none()
+        {
+            return Err(format!("Invalid value for field 'resource.disks[{i}]': a source image, snapshot or disk is required."));
+        }
+        let size = match &init["diskSizeGb"] {
+            Value::Null => None,
+            Value::String(s) => Some(s.parse::<u64>().map_err(|_| format!("Invalid value for field 'resource.disks[{i}].initializeParams.diskSizeGb': '{s}'"))?),
+            Value::Number(n) => n.as_u64(),
+            other => return Err(format!("Invalid value for field 'resource.disks[{i}].initializeParams.diskSizeGb': {other}")),
+        };
+        if size.is_some_and(|s| s < 10) {
+            return Err(format!("Invalid value for field 'resource.disks[{i}].initializeParams.diskSizeGb': disks must be at least 10 GB."));
+        }
+    }
+    let mut external = false;
+    if let Some(nics) = body["networkInterfaces"].as_array() {
+        for (i, nic) in nics.iter().enumerate() {
+            check_fields(nic, NIC_FIELDS, &format!("resource.networkInterfaces[{i}]"))?;
+            if let Some(acs) = nic["accessConfigs"].as_array() {
+                if acs.len() > 1 {
+                    return Err("Invalid value for field 'resource.networkInterfaces[0].accessConfigs': at most one access config.".into());
+                }
+                for ac in acs {
+                    check_fields(
+                        ac,
+                        ACCESS_FIELDS,
+                        &format!("resource.networkInterfaces[{i}].accessConfigs[0]"),
+                    )?;
+                    if !matches!(ac["type"].as_str(), None | Some("ONE_TO_ONE_NAT")) {
+                        return Err(format!("Invalid value for field 'resource.networkInterfaces[{i}].accessConfigs[0].type': {}", ac["type"]));
+                    }
+                    external |= i == 0;
+                }
+            }
+        }
+    }
+    check_fields(&body["metadata"], METADATA_FIELDS, "resource.metadata")?;
+    let mut port = default_port;
+    if let Some(items) = body["metadata"]["items"].as_array() {
+        let mut seen = std::collections::HashSet::new();
+        for item in items {
+            let (Some(k), Some(v)) = (item["key"].as_str(), item["value"].as_str()) else {
+                return Err("Invalid value for field 'resource.metadata.items': each item needs a string key and value.".into());
+            };
+            if k.is_empty()
+                || k.len() > 128
+                || !k
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            {
+                return Err(format!(
+                    "Invalid value for field 'resource.metadata.items.key': '{k}'"
+                ));
+            }
+            if !seen.insert(k) {
+                return Err(format!(
+                    "Invalid value for field 'resource.metadata': duplicate key '{k}'"
+                ));
+            }
+            if k == "vmproxy-port" {
+                port = v
+                    .parse()
+                    .map_err(|_| format!("Invalid vmproxy-port metadata value '{v}'"))?;
+            }
+        }
+    }
+    check_fields(&body["tags"], TAGS_FIELDS, "resource.tags")?;
+    if let Some(tags) = body["tags"]["items"].as_array() {
+        for t in tags {
+            if !t.as_str().is_some_and(rfc1035) {
+                return Err(format!("Invalid value for field 'resource.tags.items': {t}. Must be a match of regex '(?:[a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?)'"));
+            }
+        }
+    }
+    let labels = check_labels(&body["labels"], "resource.labels")?;
+    let s = &body["scheduling"];
+    check_fields(s, SCHEDULING_FIELDS, "resource.scheduling")?;
+    let model = s["provisioningModel"].as_str();
+    if !matches!(model, None | Some("SPOT") | Some("STANDARD")) {
+        return Err(format!(
+            "Invalid value for field 'resource.scheduling.provisioningModel': {}",
+            s["provisioningModel"]
+        ));
+    }
+    let spot = model == Some("SPOT") || s["preemptible"].as_bool() == Some(true);
+    if spot && s["automaticRestart"].as_bool() != Some(false) {
+        return Err("Invalid value for field 'resource.scheduling.automaticRestart': 'true'. Preemptible and Spot instances cannot be automatically restarted.".into());
+    }
+    if spot && s["onHostMaintenance"].as_str() != Some("TERMINATE") {
+        return Err("Invalid value for field 'resource.scheduling.onHostMaintenance': Preemptible and Spot instances must use onHostMaintenance TERMINATE.".into());
+    }
+    let action = s["instanceTerminationAction"].as_str();
+    if !matches!(
+        action,
+        None | Some("STOP") | Some("DELETE") | Some("INSTANCE_TERMINATION_ACTION_UNSPECIFIED")
+    ) {
+        return Err(format!(
+            "Invalid value for field 'resource.scheduling.instanceTerminationAction': {}",
+            s["instanceTerminationAction"]
+        ));
+    }
+    if let Some(sas) = body["serviceAccounts"].as_array() {
+        if sas.len() > 1 {
+            return Err(
+                "Invalid value for field 'resource.serviceAccounts': at most one service account."
+                    .into(),
+            );
+        }
+        for sa in sas {
+            check_fields(sa, SA_FIELDS, "resource.serviceAccounts[0]")?;
+        }
+    }
+    Ok((labels, port, spot && action == Some("DELETE"), external))
+}
+
+fn insert(
+    world: &Arc<World>,
+    project: String,
+    zone: String,
+    request_id: Option<&str>,
+    body: &Bytes,
+) -> Response {
+    let body: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return api_error(
+                400,
+                "parseError",
+                format!("Invalid JSON payload received. {e}"),
+            )
+        }
+    };
+    let (labels, port, delete_on_preempt, external) =
+        match validate_insert(&body, &zone, world.opts.default_port) {
+            Ok(v) => v,
+            Err(message) => return api_error(400, "invalid", message),
+        };
+    let name = body["name"].as_str().unwrap_or_default().to_owned();
+    let key = (project.clone(), zone.clone(), name.clone());
+    let mut st = world.lock();
+    if st.instances.contains_key(&key) {
+        return api_error(
+            409,
+            "alreadyExists",
+            format!(
+                "The resource 'projects/{project}/zones/{zone}/instances/{name}' already exists"
+            ),
+        );
+    }
+    let (network_ip, internal_socket) = match vm::allocate(port) {
+        Ok(v) => v,
+        Err(e) => {
+            return api_error(
+                503,
+                "backendError",
+                format!("emulator: no loopback address for port {port}: {e}"),
+            )
+        }
+    };
+    let mut reserved = vec![internal_socket];
+    let nat_ip = if external {
+        match vm::allocate(port) {
+            Ok((ip, s)) => {
+                reserved.push(s);
+                Some(ip)
+            }
+            Err(e) => {
+                return api_error(
+                    503,
+                    "backendError",
+                    format!("emulator: no loopback address for port {port}: {e}"),
+                )
+            }
+        }
+    } else {
+        None
+    };
+    let id = st.new_id();
+    let inst = Inst {
+        id,
+        key: key.clone(),
+        status: "PROVISIONING",
+        gen: 1,
+        body,
+        labels,
+        label_fingerprint: fingerprint(),
+        network_ip,
+        nat_ip,
+        port,
+        delete_on_preempt,
+        created: now_rfc3339(),
+        last_start: None,
+        last_stop: None,
+        last_suspended: None,
+        reserved,
+        server: None,
+    };
+    st.instances.insert(key.clone(), inst);
+    let fail = st.take_op_fault("instances.insert");
+    let op = st.new_op(&key, id, "insert", request_id, false);
+    drop(st);
+    world.bump();
+    world.boot(key, 1, op.name.clone(), BootKind::Insert, fail);
+    json_response(StatusCode::OK, op.to_json())
+}
+
+fn delete(world: &Arc<World>, key: Key, request_id: Option<&str>) -> Response {
+    let mut st = world.lock();
+    let Some(inst) = st.instances.get_mut(&key) else {
+        return not_found("instances", &key.0, &key.1, &key.2);
+    };
+    inst.gen += 1;
+    inst.status = "STOPPING";
+    inst.server = None;
+    inst.reserved.clear();
+    let (gen, id) = (inst.gen, inst.id);
+    let op = st.new_op(&key, id, "delete", request_id, false);
+    drop(st);
+    world.bump();
+    world.settle(key, gen, op.name.clone(), world.opts.stopping, None);
+    json_response(StatusCode::OK, op.to_json())
+}
+
+fn set_labels(world: &Arc<World>, key: Key, request_id: Option<&str>, body: &Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return api_error(
+                400,
+                "parseError",
+                format!("Invalid JSON payload received. {e}"),
+            )
+        }
+    };
+    if let Err(m) = check_fields(&body, &["labels", "labelFingerprint"], "resource") {
+        return api_error(400, "invalid", m);
+    }
+    let labels = match check_labels(&body["labels"], "labels") {
+        Ok(l) => l,
+        Err(m) => return api_error(400, "invalid", m),
+    };
+    let mut st = world.lock();
+    let Some(inst) = st.instances.get_mut(&key) else {
+        return not_found("instances", &key.0, &key.1, &key.2);
+    };
+    let Some(fp) = body["labelFingerprint"].as_str() else {
+        return api_error(
+            400,
+            "invalid",
+            "Invalid value for field 'labelFingerprint': ''. Provide the current fingerprint.",
+        );
+    };
+    if fp != inst.label_fingerprint {
+        return api_error(
+            412,
+            "conditionNotMet",
+            "Labels fingerprint either invalid or resource labels have changed",
+        );
+    }
+    inst.labels = labels;
+    inst.label_fingerprint = fingerprint();
+    let id = inst.id;
+    let op = st.new_op(&key, id, "setLabels", request_id, true);
+    drop(st);
+    world.bump();
+    json_response(StatusCode::OK, op.to_json())
+}
+
+fn act(world: &Arc<World>, key: Key, action: &'static str, request_id: Option<&str>) -> Response {
+    let mut st = world.lock();
+    let fail = st.take_op_fault(action);
+    let Some(inst) = st.instances.get_mut(&key) else {
+        return not_found("instances", &key.0, &key.1, &key.2);
+    };
+    let status = inst.status;
+    let busy = || {
+        api_error(
+            400,
+            "resourceNotReady",
+            format!(
+                "The resource 'projects/{}/zones/{}/instances/{}' is not ready",
+                key.0, key.1, key.2
+            ),
+        )
+    };
+    let id = inst.id;
+    enum Next {
+        Done,
+        Boot(BootKind),
+        Settle(&'static str, Duration),
+    }
+    let next = match (action, status) {
+        ("instances.start", "RUNNING") | ("instances.resume", "RUNNING") => Next::Done,
+        ("instances.start", "TERMINATED" | "STOPPED") => Next::Boot(BootKind::Start),
+        ("instances.resume", "SUSPENDED") => Next::Boot(BootKind::Resume),
+        ("instances.start", "SUSPENDED") => {
+            return api_error(
+                400,
+                "invalid",
+                "The instance is suspended: use instances.resume.",
+            );
+        }
+        ("instances.resume", "TERMINATED" | "STOPPED") => {
+            return api_error(
+                400,
+                "invalid",
+                "The instance is not suspended: use instances.start.",
+            );
+        }
+        ("instances.stop", "TERMINATED" | "STOPPED") => Next::Done,
+        ("instances.stop", "RUNNING" | "PROVISIONING" | "STAGING" | "SUSPENDED") => {
+            Next::Settle("TERMINATED", world.opts.stopping)
+        }
+        ("instances.suspend", "SUSPENDED") => Next::Done,
+        ("instances.suspend", "RUNNING") => Next::Settle("SUSPENDED", world.opts.suspending),
+        ("instances.suspend", "TERMINATED" | "STOPPED") => {
+            return api_error(
+                400,
+                "invalid",
+                "The instance is not running and cannot be suspended.",
+            );
+        }
+        _ => return busy(),
+    };
+    let op_type = action.trim_start_matches("instances.");
+    match next {
+        Next::Done => {
+            let op = st.new_op(&key, id, op_type, request_id, true);
+            drop(st);
+            world.bump();
+            json_response(StatusCode::OK, op.to_json())
+        }
+        Next::Boot(kind) => {
+            inst.gen += 1;
+            inst.status = "PROVISIONING";
+            World::reserve(inst);
+            let gen = inst.gen;
+            let op = st.new_op(&key, id, op_type, request_id, false);
+            drop(st);
+            world.bump();
+            world.boot(key, gen, op.name.clone(), kind, fail);
+            json_response(StatusCode::OK, op.to_json())
+        }
+        Next::Settle(to, delay) => {
+            inst.gen += 1;
+            inst.status = if to == "SUSPENDED" {
+                "SUSPENDING"
+            } else {
+                "STOPPING"
+            };
+            inst.server = None;
+            inst.reserved.clear();
+            let gen = inst.gen;
+            let op = st.new_op(&key, id, op_type, request_id, false);
+            drop(st);
+            world.bump();
+            world.settle(key, gen, op.name.clone(), delay, Some(to));
+            json_response(StatusCode::OK, op.to_json())
+        }
+    }
+}
+
+/// Preemption: the instance is TERMINATED (or deleted, per its termination action) at once.
+pub(crate) fn preempt(world: &World, key: &Key) -> bool {
+    let mut st = world.lock();
+    let Some(inst) = st.instances.get_mut(key) else {
+        return false;
+    };
+    if !matches!(inst.status, "RUNNING" | "STAGING" | "PROVISIONING") {
+        return false;
+    }
+    inst.gen += 1;
+    inst.server = None;
+    inst.reserved.clear();
+    inst.status = "TERMINATED";
+    inst.last_stop = Some(now_rfc3339());
+    let (id, delete) = (inst.id, inst.delete_on_preempt);
+    if delete {
+        st.instances.remove(key);
+    }
+    st.new_op(key, id, "compute.instances.preempted", None, true);
+    drop(st);
+    world.bump();
+    true
+}
+
+/// The metadata-less JSON object of a seeded instance.
+pub(crate) fn seed_body(zone: &str, name: &str, port: u16, external: bool) -> Value {
+    let mut nic = Map::new();
+    nic.insert("network".into(), json!("global/networks/default"));
+    if external {
+        nic.insert(
+            "accessConfigs".into(),
+            json!([{ "type": "ONE_TO_ONE_NAT", "name": "External NAT" }]),
+        );
+    }
+    json!({
+        "name": name,
+        "machineType": format!("zones/{zone}/machineTypes/e2-small"),
+        "disks": [{ "boot": true, "autoDelete": true, "initializeParams": { "sourceImage": "projects/debian-cloud/global/images/family/debian-12" } }],
+        "networkInterfaces": [Value::Object(nic)],
+        "metadata": { "items": [{ "key": "vmproxy-port", "value": port.to_string() }] },
+        "labels": { "managed-by": "vmproxy" },
+        "scheduling": { "provisioningModel": "SPOT", "instanceTerminationAction": "STOP", "automaticRestart": false, "onHostMaintenance": "TERMINATE" },
+    })
+}
+
+pub(crate) fn seed(world: &World, key: Key, status: &'static str, port: u16) -> Result<(), String> {
+    let body = seed_body(&key.1, &key.2, port, true);
+    let (network_ip, s1) = vm::allocate(port).map_err(|e| e.to_string())?;
+    let (nat_ip, s2) = vm::allocate(port).map_err(|e| e.to_string())?;
+    let mut st = world.lock();
+    let id = st.new_id();
+    let mut inst = Inst {
+        id,
+        key: key.clone(),
+        status,
+        gen: 1,
+        body,
+        labels: BTreeMap::from([("managed-by".to_owned(), "vmproxy".to_owned())]),
+        label_fingerprint: fingerprint(),
+        network_ip,
+        nat_ip: Some(nat_ip),
+        port,
+        delete_on_preempt: false,
+        created: now_rfc3339(),
+        last_start: None,
+        last_stop: None,
+        last_suspended: None,
+        reserved: vec![s1, s2],
+        server: None,
+    };
+    if status == "RUNNING" {
+        world.run(&mut inst);
+    } else {
+        inst.reserved.clear();
+    }
+    st.instances.insert(key, inst);
+    drop(st);
+    world.bump();
+    Ok(())
+}
