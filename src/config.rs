@@ -80,6 +80,9 @@ pub struct RouteConfig {
     pub start_timeout: Option<Duration>,
     /// How many requests may wait for a start (default 10000).
     pub max_pending: Option<usize>,
+    /// Keep X-Forwarded-Proto/-Host from a trusted front (default false).
+    #[serde(default)]
+    pub trust_forwarded_headers: bool,
     /// A local command as the machine.
     pub process: Option<ProcessConfig>,
     /// A Compute Engine VM as the machine.
@@ -191,7 +194,9 @@ impl RouteConfig {
         if let Some(name) = &self.name {
             builder = builder.name(name.clone());
         }
-        builder = builder.strip_prefix(self.strip_prefix);
+        builder = builder
+            .strip_prefix(self.strip_prefix)
+            .trust_forwarded_headers(self.trust_forwarded_headers);
         if let Some(p) = &self.health_path {
             builder = builder.health_path(p.clone());
         }

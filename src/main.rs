@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use axum::http::{StatusCode, Uri};
 use axum::Router;
@@ -118,7 +117,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     let app = Router::new().fallback(not_found).layer(layer);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
+    let mut server = tokio::spawn(async move {
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -132,20 +131,30 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
 
     shutdown_signal().await;
     info!(grace = ?config.shutdown_grace, "shutting down: no new connections; waiting for requests in flight");
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(config.shutdown_grace, server).await {
+    match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => error!(error = %e, "server error"),
         Ok(Err(e)) => error!(error = %e, "server task failed"),
-        Err(_) => warn!("requests still in flight after the grace period; closing them"),
+        Err(_) => {
+            warn!("requests still in flight after the grace period; closing them");
+            server.abort();
+        }
     }
     for handle in handles {
         info!(machine = handle.name(), "stopping");
-        if tokio::time::timeout(Duration::from_secs(120), handle.stop())
+        // Upgraded connections (WebSockets) may outlive the server: give them what is left of
+        // the grace period, then stop regardless.
+        if tokio::time::timeout_at(deadline, handle.stop())
             .await
             .is_err()
         {
-            warn!(machine = handle.name(), "stop did not finish within 120s");
+            warn!(
+                machine = handle.name(),
+                "still in use after the grace period; stopping it anyway"
+            );
+            handle.stop_now().await;
         }
     }
     info!("bye");

@@ -43,6 +43,7 @@ pub struct Route {
     pub(crate) strip_prefix: bool,
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) pool: Arc<Pool>,
+    pub(crate) trust_forwarded: bool,
 }
 
 impl Route {
@@ -116,6 +117,7 @@ pub struct RouteBuilder {
     probe_attempt_timeout: Duration,
     pool_idle_timeout: Duration,
     connect_timeout: Duration,
+    trust_forwarded: bool,
 }
 
 impl fmt::Debug for RouteBuilder {
@@ -146,6 +148,7 @@ impl RouteBuilder {
             probe_attempt_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            trust_forwarded: false,
         }
     }
 
@@ -229,6 +232,16 @@ impl RouteBuilder {
         self
     }
 
+    /// Keep the `X-Forwarded-Proto` and `X-Forwarded-Host` a request arrives with, instead of
+    /// setting them from what this proxy saw. Turn it on when the proxy runs behind a front that
+    /// sets them and that clients cannot bypass (Cloud Run, App Engine, a load balancer that
+    /// terminates TLS); leave it off when clients reach the proxy directly (default: off).
+    /// `X-Forwarded-For` is appended to either way.
+    pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
+        self.trust_forwarded = trust;
+        self
+    }
+
     /// Checks the settings and builds the route. Needs no runtime and does no I/O.
     pub fn build(self) -> Result<Route, ConfigError> {
         let mut prefixes = Vec::with_capacity(self.prefixes.len());
@@ -305,6 +318,7 @@ impl RouteBuilder {
             strip_prefix: self.strip_prefix,
             lifecycle,
             pool: Arc::new(Pool::new(self.pool_idle_timeout, self.connect_timeout)),
+            trust_forwarded: self.trust_forwarded,
         })
     }
 }

@@ -70,8 +70,7 @@ where
             match path::match_route(&route.prefixes, route.strip_prefix, req.uri()) {
                 Match::No => continue,
                 Match::Proxy(target) => {
-                    let fut =
-                        proxy::forward(route.lifecycle.clone(), route.pool.clone(), req, target);
+                    let fut = proxy::forward(route.clone(), req, target);
                     return ResponseFuture::proxied(Box::pin(fut));
                 }
                 Match::Bad(reason) => {

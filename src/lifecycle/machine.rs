@@ -356,6 +356,18 @@ impl Machine {
         }
     }
 
+    /// Take the machine down now, without waiting for requests in flight.
+    pub(crate) fn force_stop(&mut self, now: Instant) -> Action {
+        if let State::Running(_) = self.state {
+            let _ = self.begin_stop(now);
+        }
+        if self.state == State::Stopping && !self.stop_issued {
+            self.stop_issued = true;
+            return Action::Stop;
+        }
+        Action::None
+    }
+
     /// The backend's stop returned. Requests that arrived meanwhile start the machine again.
     pub(crate) fn stop_done(&mut self, now: Instant) -> Action {
         debug_assert_eq!(self.state, State::Stopping);
@@ -642,6 +654,26 @@ mod tests {
         assert_eq!(m.begin_stop(t), Action::None, "one request in flight");
         assert_eq!(m.release(t), Action::Stop);
         assert_eq!(m.stop_done(t), Action::None);
+    }
+
+    #[test]
+    fn force_stop_does_not_wait_for_in_flight() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        assert!(matches!(m.admit(t), Admit::Wait { .. }));
+        let _ = m.start_succeeded(ep(1), t);
+        m.abandon();
+        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert_eq!(m.begin_stop(t), Action::None);
+        assert_eq!(m.force_stop(t), Action::Stop);
+        assert_eq!(m.force_stop(t), Action::None, "one stop");
+        assert_eq!(m.stop_done(t), Action::None);
+        assert_eq!(
+            m.release(t),
+            Action::None,
+            "a late release issues no second stop"
+        );
+        assert_eq!(m.in_flight(), 0);
     }
 
     #[test]

@@ -519,17 +519,27 @@ impl Handle {
     /// meanwhile wait and start it again. Returns once the stop is done (at once if the machine
     /// is not running).
     pub async fn stop(&self) {
+        self.stop_with(Machine::begin_stop).await;
+    }
+
+    /// Takes the machine down now, without waiting for requests in flight (they fail). For
+    /// shutdown after a grace period.
+    pub async fn stop_now(&self) {
+        self.stop_with(Machine::force_stop).await;
+    }
+
+    async fn stop_with(&self, decide: fn(&mut Machine, Instant) -> Action) {
         let lc = &self.lifecycle;
         let mut rx = lc.tx.subscribe();
         let before = lc.stops.load(Ordering::SeqCst);
-        let action = lc.decide("stop requested", |m, now| {
+        let (action, state) = lc.decide("stop requested", |m, now| {
             let state = m.state();
-            (m.begin_stop(now), state)
+            (decide(m, now), state)
         });
-        if action.1 == State::Absent {
+        if state == State::Absent {
             return;
         }
-        lc.act(action.0);
+        lc.act(action);
         while lc.stops.load(Ordering::SeqCst) == before {
             if rx.changed().await.is_err() {
                 return;

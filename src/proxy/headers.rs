@@ -62,6 +62,8 @@ pub(crate) struct Arrival<'a> {
     pub(crate) https: bool,
     pub(crate) version: Version,
     pub(crate) authority: Option<&'a str>,
+    /// Keep X-Forwarded-Proto/Host set by a trusted front.
+    pub(crate) trust_forwarded: bool,
 }
 
 fn via_value(version: Version) -> HeaderValue {
@@ -110,13 +112,17 @@ pub(crate) fn for_backend(
             headers.insert(header::HOST, value);
         }
     }
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST, host);
+    let keep = |h: &HeaderMap, name: &HeaderName| arrival.trust_forwarded && h.contains_key(name);
+    if !keep(headers, &X_FORWARDED_HOST) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if arrival.https { "https" } else { "http" }),
-    );
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        let proto = if arrival.https { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
     if let Some(client) = arrival.client {
         append_forwarded_for(headers, client);
     }
@@ -181,6 +187,7 @@ mod tests {
             https: false,
             version: Version::HTTP_11,
             authority: None,
+            trust_forwarded: false,
         }
     }
 
@@ -305,6 +312,31 @@ mod tests {
         for_backend(&mut h, &arrival(), up);
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_proto_and_host_are_overwritten_unless_trusted() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("proxy.internal"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(
+            &X_FORWARDED_HOST,
+            HeaderValue::from_static("spoofed.example"),
+        );
+        let mut untrusted = h.clone();
+        for_backend(&mut untrusted, &arrival(), None);
+        assert_eq!(untrusted[&X_FORWARDED_PROTO], "http");
+        assert_eq!(untrusted[&X_FORWARDED_HOST], "proxy.internal");
+        for_backend(
+            &mut h,
+            &Arrival {
+                trust_forwarded: true,
+                ..arrival()
+            },
+            None,
+        );
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "spoofed.example");
     }
 
     #[test]

@@ -6,7 +6,6 @@ mod headers;
 mod pool;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
@@ -20,14 +19,14 @@ pub(crate) use pool::Pool;
 use pool::SendError;
 
 use crate::body::ProxiedBody;
-use crate::lifecycle::{Lease, Lifecycle};
+use crate::lifecycle::Lease;
+use crate::route::Route;
 use crate::{BoxError, ClientAddr, Error};
 
 /// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
 /// response or a failure as a response.
 pub(crate) async fn forward<B>(
-    lifecycle: Arc<Lifecycle>,
-    pool: Arc<Pool>,
+    route: Route,
     mut req: Request<B>,
     target: PathAndQuery,
 ) -> Response<ProxiedBody>
@@ -35,6 +34,7 @@ where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let (lifecycle, pool) = (&route.lifecycle, &route.pool);
     let upgrade = headers::wants_upgrade(req.headers())
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
@@ -45,6 +45,7 @@ where
         https: parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS),
         version: parts.version,
         authority: authority.as_deref(),
+        trust_forwarded: route.trust_forwarded,
     };
     headers::for_backend(
         &mut parts.headers,
