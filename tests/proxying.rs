@@ -232,3 +232,56 @@ async fn strip_prefix_forwards_below_the_prefix() {
     let (_, _, body) = get_text(addr, "/svc").await;
     assert!(body.contains("\"uri\":\"/\""), "{body}");
 }
+
+#[tokio::test]
+async fn works_under_service_builder_with_any_body_and_inner_service() {
+    use http_body_util::Full;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    let inner = service_fn(|req: Request<Full<Bytes>>| async move {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(format!(
+            "inner {}",
+            req.uri()
+        )))))
+    });
+    let svc = ServiceBuilder::new()
+        .layer(vmproxy::VmProxyLayer::new(route))
+        .service(inner);
+
+    let res = svc
+        .clone()
+        .oneshot(
+            Request::get("/elsewhere")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "inner /elsewhere"
+    );
+
+    let mut req = Request::post("/app/sink")
+        .body(Full::new(Bytes::from_static(b"12345")))
+        .unwrap();
+    req.extensions_mut()
+        .insert(vmproxy::ClientAddr(([192, 0, 2, 1], 1234).into()));
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "5");
+
+    let mut req = Request::get("/app/who")
+        .header("host", "h")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    req.extensions_mut()
+        .insert(vmproxy::ClientAddr(([192, 0, 2, 1], 1234).into()));
+    let res = svc.oneshot(req).await.unwrap();
+    let echo: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-for"][0], "192.0.2.1");
+    assert_eq!(backend.starts(), 1);
+}
