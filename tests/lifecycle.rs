@@ -324,3 +324,50 @@ async fn handle_prewarms_and_stops() {
     assert_eq!(backend.stops(), 1);
     watch.borrow_and_update();
 }
+
+/// Counts the activity reports a replica sends while it serves.
+#[derive(Clone)]
+struct Reporting(FakeBackend, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl vmproxy::backend::Backend for Reporting {
+    fn name(&self) -> &str {
+        "reporting"
+    }
+    fn start(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Endpoint> {
+        self.0.start()
+    }
+    fn stop(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
+        self.0.stop()
+    }
+    fn status(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Status> {
+        self.0.status()
+    }
+    fn record_activity(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn a_long_response_is_reported_as_activity_for_other_replicas() {
+    let fake = FakeBackend::new(Duration::ZERO);
+    let reports = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let route = vmproxy::Route::builder("/app", Reporting(fake.clone(), reports.clone()))
+        .health_path("/healthz")
+        .idle_timeout(Some(Duration::from_millis(400)))
+        .build()
+        .unwrap();
+    let addr = front(route).await;
+    // One request, streaming for 1.2 s: three idle timeouts with no new request.
+    let req = http::Request::get("/app/stream?chunks=12&every_ms=100")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    let before = reports.load(Ordering::SeqCst);
+    res.into_body().collect().await.unwrap();
+    let during = reports.load(Ordering::SeqCst) - before;
+    assert!(
+        during >= 2,
+        "only {during} activity reports while one response streamed for 1.2 s"
+    );
+}

@@ -343,16 +343,22 @@ impl Lifecycle {
             let status_every = self.backend.status_interval();
             let mut next_status = status_every.map(|every| Instant::now() + every);
             loop {
-                let (idle, ep) = {
-                    let m = self.lock();
-                    let State::Running(ep) = m.state() else {
-                        return;
-                    };
+                let now = Instant::now();
+                let (idle, ep, busy, report) = {
+                    let mut m = self.lock();
+                    let State::Running(ep) = m.state() else { return };
                     if m.generation() != generation {
                         return;
                     }
-                    (m.idle(Instant::now()), ep)
+                    // A long stream or WebSocket sends no new requests, but other replicas must
+                    // still see the machine in use.
+                    let busy = m.in_flight() > 0;
+                    let report = busy && m.activity_report_due(now);
+                    (m.idle(now), ep, busy, report)
                 };
+                if report {
+                    self.report_activity();
+                }
                 if idle == Idle::Due {
                     if self.idle_stop(generation).await {
                         return;
@@ -367,6 +373,10 @@ impl Lifecycle {
                     (Some(a), Some(b)) => a.min(b),
                     (Some(a), None) | (None, Some(a)) => a,
                     (None, None) => return,
+                };
+                let wake = match (busy, self.idle_timeout) {
+                    (true, Some(idle)) => wake.min(now + idle / 4),
+                    _ => wake,
                 };
                 tokio::time::sleep_until(wake).await;
                 if let (Some(at), Some(every)) = (next_status, status_every) {
