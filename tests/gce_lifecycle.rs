@@ -52,3 +52,464 @@ async fn cold_start_inserts_then_proxies() {
         .unwrap();
     assert!(insert.path.contains("requestId="), "{}", insert.path);
 }
+
+#[tokio::test]
+async fn internal_address_is_the_network_ip() {
+    let emu = emulator().await;
+    let backend = backend(&emu, "inside")
+        .address(vmproxy::backend::gce::Address::Internal)
+        .build()
+        .unwrap();
+    let route = route(backend);
+    let ep = route.handle().start().await.unwrap();
+    let info = emu.instance(ZONE, "inside").unwrap();
+    assert_eq!(ep.addr(), std::net::SocketAddr::new(info.network_ip, PORT));
+    let echo = echo(&app(route), "/vm/x").await;
+    assert_eq!(echo["instance"], "inside");
+}
+
+#[tokio::test]
+async fn a_running_vm_is_adopted_without_insert() {
+    let emu = emulator().await;
+    let seeded = emu.add_instance(ZONE, "already", "RUNNING", PORT).unwrap();
+    let route = route(backend(&emu, "already").build().unwrap());
+    let echo = echo(&app(route.clone()), "/vm/a").await;
+    assert_eq!(echo["instance"], "already");
+    assert_eq!(emu.count("instances.insert"), 0);
+    assert_eq!(emu.count("instances.start"), 0);
+    let State::Running(ep) = route.handle().state() else {
+        panic!()
+    };
+    assert_eq!(ep.addr().ip(), seeded.nat_ip.unwrap());
+    assert_eq!(emu.instance(ZONE, "already").unwrap().id, seeded.id);
+}
+
+#[tokio::test]
+async fn a_terminated_vm_is_started() {
+    let emu = emulator().await;
+    let seeded = emu
+        .add_instance(ZONE, "sleeper", "TERMINATED", PORT)
+        .unwrap();
+    let route = route(backend(&emu, "sleeper").build().unwrap());
+    let echo = echo(&app(route), "/vm/b").await;
+    assert_eq!(echo["instance"], "sleeper");
+    assert_eq!(emu.count("instances.insert"), 0);
+    assert_eq!(emu.count("instances.start"), 1);
+    let info = emu.instance(ZONE, "sleeper").unwrap();
+    assert_eq!((info.status.as_str(), info.id), ("RUNNING", seeded.id));
+    assert_eq!(
+        info.network_ip, seeded.network_ip,
+        "a restart keeps the internal IP"
+    );
+}
+
+#[tokio::test]
+async fn a_suspended_vm_is_resumed() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "frozen", "SUSPENDED", PORT).unwrap();
+    let route = route(backend(&emu, "frozen").build().unwrap());
+    echo(&app(route), "/vm/c").await;
+    assert_eq!(emu.count("instances.resume"), 1);
+    assert_eq!(emu.count("instances.start"), 0);
+    assert_eq!(emu.count("instances.insert"), 0);
+    assert_eq!(emu.instance(ZONE, "frozen").unwrap().status, "RUNNING");
+}
+
+#[tokio::test]
+async fn stop_policy_delete_then_recreated_at_a_new_address() {
+    let emu = emulator().await;
+    let route = route(backend(&emu, "del").build().unwrap());
+    let app = app(route.clone());
+    echo(&app, "/vm/1").await;
+    let first = emu.instance(ZONE, "del").unwrap();
+    route.handle().stop().await;
+    assert_eq!(route.handle().state(), State::Absent);
+    assert!(emu.instance(ZONE, "del").is_none(), "deleted");
+    assert_eq!(emu.count("instances.delete"), 1);
+
+    echo(&app, "/vm/2").await;
+    let second = emu.instance(ZONE, "del").unwrap();
+    assert_eq!(emu.count("instances.insert"), 2);
+    assert_ne!(second.id, first.id);
+    assert_ne!(
+        second.nat_ip, first.nat_ip,
+        "a re-created VM comes back at a new address"
+    );
+    let State::Running(ep) = route.handle().state() else {
+        panic!()
+    };
+    assert_eq!(ep.addr().ip(), second.nat_ip.unwrap());
+}
+
+#[tokio::test]
+async fn stop_policy_stop_then_started() {
+    let emu = emulator().await;
+    let b = backend(&emu, "stopper")
+        .stop_policy(vmproxy::backend::gce::StopPolicy::Stop)
+        .build()
+        .unwrap();
+    let route = route(b);
+    let app = app(route.clone());
+    echo(&app, "/vm/1").await;
+    route.handle().stop().await;
+    assert_eq!(emu.instance(ZONE, "stopper").unwrap().status, "TERMINATED");
+    assert_eq!(emu.count("instances.stop"), 1);
+    assert_eq!(emu.count("instances.delete"), 0);
+
+    echo(&app, "/vm/2").await;
+    assert_eq!(emu.count("instances.start"), 1);
+    assert_eq!(emu.count("instances.insert"), 1);
+    assert_eq!(emu.instance(ZONE, "stopper").unwrap().status, "RUNNING");
+}
+
+#[tokio::test]
+async fn stop_policy_suspend_then_resumed() {
+    let emu = emulator().await;
+    let b = backend(&emu, "napper")
+        .stop_policy(vmproxy::backend::gce::StopPolicy::Suspend)
+        .build()
+        .unwrap();
+    let route = route(b);
+    let app = app(route.clone());
+    echo(&app, "/vm/1").await;
+    route.handle().stop().await;
+    assert_eq!(emu.instance(ZONE, "napper").unwrap().status, "SUSPENDED");
+    assert_eq!(emu.count("instances.suspend"), 1);
+
+    echo(&app, "/vm/2").await;
+    assert_eq!(emu.count("instances.resume"), 1);
+    assert_eq!(emu.count("instances.insert"), 1);
+}
+
+#[tokio::test]
+async fn idle_vm_is_taken_down_by_the_layer() {
+    let emu = emulator().await;
+    let route = route_with(backend(&emu, "idler").build().unwrap(), Some(ms(300)));
+    let app = app(route.clone());
+    echo(&app, "/vm/1").await;
+    state_becomes(&route, "absent", |s| *s == State::Absent).await;
+    eventually("the VM is deleted", || {
+        emu.instance(ZONE, "idler").is_none()
+    })
+    .await;
+    assert_eq!(emu.count("instances.delete"), 1);
+    assert!(
+        emu.count("instances.setLabels") >= 1,
+        "activity was recorded on the VM"
+    );
+}
+
+#[tokio::test]
+async fn insert_race_409_is_adopted() {
+    let emu = emulator().await;
+    // Another replica created it between our get (404) and our insert (409).
+    let seeded = emu.add_instance(ZONE, "race", "RUNNING", PORT).unwrap();
+    emu.fail_next("instances.get", 1, 404, "notFound");
+    let route = route(backend(&emu, "race").build().unwrap());
+    echo(&app(route), "/vm/r").await;
+    let inserts: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "instances.insert")
+        .collect();
+    assert_eq!(inserts.len(), 1);
+    assert_eq!(inserts[0].status, 409);
+    assert_eq!(
+        emu.instance(ZONE, "race").unwrap().id,
+        seeded.id,
+        "the other replica's VM is used"
+    );
+}
+
+#[tokio::test]
+async fn operation_error_is_a_503_with_the_reason_and_a_later_request_succeeds() {
+    let emu = emulator().await;
+    emu.fail_next_operation("instances.insert", "ZONE_RESOURCE_POOL_EXHAUSTED");
+    let route = route(backend(&emu, "scarce").build().unwrap());
+    let app = app(route.clone());
+    let (status, body) = call(&app, "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("ZONE_RESOURCE_POOL_EXHAUSTED"), "{body}");
+    assert!(body.contains("scarce") && body.contains(ZONE), "{body}");
+    assert!(emu.instance(ZONE, "scarce").is_none());
+
+    // After the layer's back-off, the next request starts it.
+    state_becomes(&route, "absent", |s| *s == State::Absent).await;
+    let mut ok = false;
+    for _ in 0..100 {
+        let (status, _) = call(&app, "/vm/x").await;
+        if status == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert!(ok, "a later request succeeds");
+    assert_eq!(emu.count("instances.insert"), 2);
+}
+
+#[tokio::test]
+async fn quota_fails_at_once_without_retries() {
+    let emu = emulator().await;
+    emu.fail_next("instances.insert", 1, 403, "quotaExceeded");
+    let route = route(backend(&emu, "poor").build().unwrap());
+    let (status, body) = call(&app(route), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("quota"), "{body}");
+    assert_eq!(emu.count("instances.insert"), 1, "not retried");
+
+    emu.fail_next_operation("instances.insert", "QUOTA_EXCEEDED");
+    let route = self::route(backend(&emu, "poor2").build().unwrap());
+    let (status, body) = call(&self::app(route), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("QUOTA_EXCEEDED"), "{body}");
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_are_retried_with_the_same_request_id() {
+    let emu = emulator().await;
+    emu.fail_next("instances.get", 1, 429, "rateLimitExceeded");
+    emu.fail_next("instances.insert", 2, 403, "rateLimitExceeded");
+    emu.fail_next("zoneOperations.wait", 1, 503, "backendError");
+    let route = route(backend(&emu, "busy").build().unwrap());
+    echo(&app(route), "/vm/x").await;
+    let inserts: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "instances.insert")
+        .collect();
+    assert_eq!(
+        inserts.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [403, 403, 200]
+    );
+    assert!(
+        inserts.iter().all(|c| c.path == inserts[0].path),
+        "one requestId across retries: {inserts:?}"
+    );
+    assert_eq!(emu.instance(ZONE, "busy").unwrap().status, "RUNNING");
+    assert_eq!(emu.count("instances.insert"), 3);
+}
+
+#[tokio::test]
+async fn too_many_rate_limits_give_up() {
+    let emu = emulator().await;
+    emu.fail_next("instances.get", 100, 429, "rateLimitExceeded");
+    let b = backend(&emu, "throttled")
+        .retry(3, ms(1), ms(2))
+        .build()
+        .unwrap();
+    let (status, body) = call(&app(route(b)), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("rate limit"), "{body}");
+    let gets: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "instances.get")
+        .map(|c| c.status)
+        .collect();
+    assert!(gets.len() >= 3 && gets[..3] == [429, 429, 429], "{gets:?}");
+    assert_eq!(emu.count("instances.insert"), 0);
+}
+
+#[tokio::test]
+async fn wait_returning_early_is_looped() {
+    let opts = vmproxy::emulator::EmulatorOptions::fast().timings(ms(150), ms(50), ms(20), ms(20));
+    let emu = vmproxy::emulator::Emulator::start(opts).await.unwrap();
+    emu.set_wait_returns_early(true);
+    let route = route(backend(&emu, "early").build().unwrap());
+    echo(&app(route), "/vm/x").await;
+    let waits: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "zoneOperations.wait")
+        .collect();
+    assert!(
+        waits.len() >= 2,
+        "wait called again after an early return: {}",
+        waits.len()
+    );
+    assert!(waits.iter().all(|c| c.status == 200));
+}
+
+#[tokio::test]
+async fn never_healthy_boot_fails_the_start_and_cleans_up() {
+    let emu = emulator().await;
+    emu.set_never_healthy(true);
+    let b = backend(&emu, "sick").build().unwrap();
+    let route = vmproxy::Route::builder("/vm", b)
+        .health_path("/healthz")
+        .probe_interval(ms(5), ms(20))
+        .start_timeout(ms(500))
+        .start_backoff(ms(50), ms(100))
+        .build()
+        .unwrap();
+    let (status, body) = call(&app(route.clone()), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    eventually("the failed VM is deleted", || {
+        emu.instance(ZONE, "sick").is_none()
+    })
+    .await;
+    assert_eq!(emu.count("instances.delete"), 1);
+
+    emu.set_never_healthy(false);
+    state_becomes(&route, "absent", |s| *s == State::Absent).await;
+    let mut ok = false;
+    for _ in 0..100 {
+        if call(&app(route.clone()), "/vm/x").await.0 == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert!(ok);
+}
+
+async fn preempted_under_load(
+    termination: vmproxy::backend::gce::TerminationAction,
+    name: &'static str,
+) {
+    let emu = emulator().await;
+    let b = backend(&emu, name)
+        .termination_action(termination)
+        .build()
+        .unwrap();
+    let route = route(b);
+    let app = app(route.clone());
+    echo(&app, "/vm/warm").await;
+    let before = emu.instance(ZONE, name).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (app, stop) = (app.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (status, _) = call(&app, &format!("/vm/load/{i}")).await;
+                seen.push(status);
+                tokio::time::sleep(ms(5)).await;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(ms(100)).await;
+    assert!(emu.preempt(ZONE, name));
+    // Recovered: the VM is running again and requests are served there.
+    eventually("the VM runs again", || {
+        emu.instance(ZONE, name)
+            .is_some_and(|i| i.status == "RUNNING")
+    })
+    .await;
+    let after = emu.instance(ZONE, name).unwrap();
+    state_becomes(
+        &route,
+        "running at the new address",
+        |s| matches!(s, State::Running(ep) if Some(ep.addr().ip()) == after.nat_ip),
+    )
+    .await;
+    echo(&app, "/vm/after").await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        let seen = c.await.unwrap();
+        assert!(
+            seen.iter().all(|s| [200, 502, 503].contains(&s.as_u16())),
+            "{seen:?}"
+        );
+        assert_eq!(seen.last().map(|s| s.as_u16()), Some(200), "{seen:?}");
+    }
+    assert_ne!(
+        after.nat_ip, before.nat_ip,
+        "the new external address is used"
+    );
+    if termination == vmproxy::backend::gce::TerminationAction::Delete {
+        assert_eq!(emu.count("instances.insert"), 2);
+        assert_ne!(after.id, before.id);
+    } else {
+        assert_eq!(emu.count("instances.start"), 1);
+        assert_eq!(emu.count("instances.insert"), 1);
+    }
+}
+
+#[tokio::test]
+async fn preemption_under_load_recovers_with_start() {
+    preempted_under_load(vmproxy::backend::gce::TerminationAction::Stop, "spot-stop").await;
+}
+
+#[tokio::test]
+async fn preemption_under_load_recovers_with_insert_when_deleted() {
+    preempted_under_load(vmproxy::backend::gce::TerminationAction::Delete, "spot-del").await;
+}
+
+#[tokio::test]
+async fn the_token_comes_from_the_metadata_server() {
+    let emu = emulator().await;
+    // No project configured: it comes from the metadata server too.
+    let route = route(backend(&emu, "authd").build().unwrap());
+    echo(&app(route), "/vm/x").await;
+    assert!(emu.count("metadata.token") >= 1);
+    assert_eq!(emu.count("metadata.projectId"), 1);
+    assert!(emu.tokens_issued() >= 1);
+    let compute: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| !c.method.starts_with("metadata."))
+        .collect();
+    assert!(!compute.is_empty());
+    assert!(compute.iter().all(|c| c.status != 401), "{compute:?}");
+    assert!(compute
+        .iter()
+        .all(|c| c.path.contains(&format!("projects/{}/", emu.project()))));
+}
+
+#[tokio::test]
+async fn foreign_tokens_are_refused() {
+    let emu = emulator().await;
+    let creds = google_cloud_auth::credentials::anonymous::Builder::new().build();
+    let b = backend(&emu, "anon")
+        .project("p")
+        .credentials(creds)
+        .build()
+        .unwrap();
+    let (status, body) = call(&app(route(b)), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("not authorized") && body.contains("401"),
+        "{body}"
+    );
+    assert_eq!(emu.count("metadata.token"), 0);
+}
+
+#[tokio::test]
+async fn record_activity_survives_a_fingerprint_race() {
+    let emu = emulator().await;
+    let b = std::sync::Arc::new(backend(&emu, "labels").build().unwrap());
+    let route = route(b.clone());
+    route.handle().start().await.unwrap();
+    use vmproxy::backend::Backend;
+    emu.fail_next("instances.setLabels", 1, 412, "conditionNotMet");
+    b.record_activity().await.unwrap();
+    let info = emu.instance(ZONE, "labels").unwrap();
+    let at: u64 = info.labels["vmproxy-active"].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now - at <= 1);
+    assert_eq!(
+        info.labels["managed-by"], "vmproxy",
+        "other labels are kept"
+    );
+    assert!(!b
+        .idle_everywhere(std::time::Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(b.idle_everywhere(ms(0)).await.unwrap());
+    let sets: Vec<_> = emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "instances.setLabels")
+        .map(|c| c.status)
+        .collect();
+    assert!(sets.ends_with(&[412, 200]), "{sets:?}");
+}

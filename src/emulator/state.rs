@@ -444,28 +444,27 @@ impl World {
         drop(instances);
     }
 
-    /// Makes sure the instance holds its addresses (again), before a boot.
+    /// Makes sure the instance holds its addresses (again), before a boot. As on Compute
+    /// Engine, a restarted instance keeps its internal IP and gets a new ephemeral external IP.
     pub(crate) fn reserve(inst: &mut Inst) {
         if !inst.reserved.is_empty() || inst.server.is_some() {
             return;
         }
-        let mut ips = vec![inst.network_ip];
-        ips.extend(inst.nat_ip);
         let mut sockets = Vec::new();
-        for ip in ips {
-            match vm::bind(ip, inst.port) {
-                Ok(s) => sockets.push(s),
-                Err(_) => {
-                    // Taken meanwhile: move to a new address, as a VM may.
-                    if let Ok((new_ip, s)) = vm::allocate(inst.port) {
-                        if ip == inst.network_ip {
-                            inst.network_ip = new_ip;
-                        } else {
-                            inst.nat_ip = Some(new_ip);
-                        }
-                        sockets.push(s);
-                    }
+        match vm::bind(inst.network_ip, inst.port) {
+            Ok(s) => sockets.push(s),
+            Err(_) => {
+                // Taken meanwhile (another process?): move to a new address.
+                if let Ok((ip, s)) = vm::allocate(inst.port) {
+                    inst.network_ip = ip;
+                    sockets.push(s);
                 }
+            }
+        }
+        if inst.nat_ip.is_some() {
+            if let Ok((ip, s)) = vm::allocate(inst.port) {
+                inst.nat_ip = Some(ip);
+                sockets.push(s);
             }
         }
         inst.reserved = sockets;

@@ -39,7 +39,7 @@ pub fn backend(emu: &Emulator, name: &str) -> GceBackendBuilder {
         .retry(6, ms(5), ms(40))
 }
 
-pub fn route_with(backend: GceBackend, idle: Option<Duration>) -> Route {
+pub fn route_with(backend: impl vmproxy::backend::Backend, idle: Option<Duration>) -> Route {
     Route::builder("/vm", backend)
         .health_path("/healthz")
         .idle_timeout(idle)
@@ -51,7 +51,7 @@ pub fn route_with(backend: GceBackend, idle: Option<Duration>) -> Route {
         .expect("route builds")
 }
 
-pub fn route(backend: GceBackend) -> Route {
+pub fn route(backend: impl vmproxy::backend::Backend) -> Route {
     route_with(backend, None)
 }
 

@@ -67,7 +67,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use config::GceConfig;
 pub use error::{GceError, GceErrorKind};
@@ -501,7 +501,9 @@ impl GceBackend {
         loop {
             let Some(inst) = self.api.get().await? else {
                 info!(instance = %self.spec.name, zone = %self.spec.zone, "creating the instance");
-                let outcome = match self.api.insert(&self.insert_body).await {
+                let mut body = self.insert_body.clone();
+                body["labels"][ACTIVE_LABEL] = Value::String(format!("{}", unix_now() as u64));
+                let outcome = match self.api.insert(&body).await {
                     Ok(op) => self.api.wait("instances.insert", op).await.map(drop),
                     Err(e) => Err(e),
                 };
@@ -516,7 +518,15 @@ impl GceBackend {
             };
             debug!(instance = %self.spec.name, status = %inst.status, "instance found");
             match inst.status.as_str() {
-                "RUNNING" => return self.endpoint_of(&inst),
+                "RUNNING" => {
+                    let ep = self.endpoint_of(&inst)?;
+                    // Tell other replicas it is in use from now on, so none of them takes it
+                    // down before this one has served its first requests.
+                    if let Err(e) = self.record().await {
+                        warn!(instance = %self.spec.name, error = %e, "could not record activity");
+                    }
+                    return Ok(ep);
+                }
                 "TERMINATED" | "STOPPED" => {
                     info!(instance = %self.spec.name, "starting the stopped instance");
                     self.act("instances.start").await?;
