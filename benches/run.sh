@@ -86,7 +86,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # ---------------------------------------------------------------------------------------------
 log "build (release)"
 FEATURES=()
-if grep -q 'pub async fn run_cli' src/emulator/mod.rs 2>/dev/null && ! grep -q 'placeholder' src/emulator/mod.rs; then
+if grep -q 'pub struct Emulator\b' src/emulator/mod.rs 2>/dev/null; then
   FEATURES=(--features emulator)
 fi
 E2E=$(cargo bench --no-run --bench e2e "${FEATURES[@]}" --message-format=json 2>"$TMP/build.log" |
@@ -233,7 +233,9 @@ if [[ ${SKIP_COLD:-0} != 1 ]]; then
 
   log "control-plane calls per cold start (emulator)"
   if ((${#FEATURES[@]})); then
-    "$E2E" controlplane --out "$RESULTS/controlplane.json" || echo "controlplane failed" >&2
+    rm -f "$RESULTS/controlplane.txt"
+    "$E2E" controlplane --concurrent 100 --runs "$COLD_RUNS" --out "$RESULTS/controlplane.json" >/dev/null ||
+      echo "controlplane failed" | tee "$RESULTS/controlplane.txt" >&2
   else
     echo "skipped: the Compute Engine emulator (feature 'emulator') is not implemented yet" | tee "$RESULTS/controlplane.txt" >&2
     rm -f "$RESULTS/controlplane.json"
