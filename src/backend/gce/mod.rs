@@ -522,7 +522,7 @@ impl GceBackend {
                     let ep = self.endpoint_of(&inst)?;
                     // Tell other replicas it is in use from now on, so none of them takes it
                     // down before this one has served its first requests.
-                    if let Err(e) = self.record().await {
+                    if let Err(e) = self.record(Some(inst)).await {
                         warn!(instance = %self.spec.name, error = %e, "could not record activity");
                     }
                     return Ok(ep);
@@ -597,11 +597,17 @@ impl GceBackend {
         })
     }
 
-    async fn record(&self) -> Result<(), GceError> {
+    /// Sets `vmproxy-active=<now>`, compare-and-set on the label fingerprint; `known` is a
+    /// fresh copy of the instance to start from, if the caller has one.
+    async fn record(&self, mut known: Option<Instance>) -> Result<(), GceError> {
         let mut last = None;
         for _ in 0..5 {
-            let Some(inst) = self.api.get().await? else {
-                return Ok(());
+            let inst = match known.take() {
+                Some(inst) => inst,
+                None => match self.api.get().await? {
+                    Some(inst) => inst,
+                    None => return Ok(()),
+                },
             };
             let mut labels: BTreeMap<String, String> = inst.labels;
             labels.insert(ACTIVE_LABEL.to_owned(), format!("{}", unix_now() as u64));
@@ -662,7 +668,7 @@ impl Backend for GceBackend {
     }
 
     fn record_activity(&self) -> BackendFuture<'_, ()> {
-        Box::pin(async move { Ok(self.record().await?) })
+        Box::pin(async move { Ok(self.record(None).await?) })
     }
 
     fn idle_everywhere(&self, idle_timeout: Duration) -> BackendFuture<'_, bool> {
