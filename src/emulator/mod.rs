@@ -9,7 +9,8 @@
 //! and the Compute API accepts only tokens it issued.
 //!
 //! Each instance gets its own loopback addresses (`networkIP` and `natIP`: 127.0.0.2,
-//! 127.0.0.3, …; a re-created instance comes back at new ones) and, a boot delay after it is
+//! 127.0.0.3, …; a re-created instance comes back at new ones, a restarted one keeps its
+//! `networkIP` and gets a new `natIP`, as on Compute Engine) and, a boot delay after it is
 //! RUNNING, a real HTTP server there on its port (the `vmproxy-port` metadata item, else
 //! [`EmulatorOptions::default_port`]) that answers the health path and echoes every other
 //! request (method, path, headers, body size) as JSON.
