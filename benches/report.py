@@ -140,13 +140,13 @@ for cold_path in sorted(glob.glob(os.path.join(RESULTS, "coldstart*.json"))):
     c = json.load(open(cold_path))
     p("## Cold start: %d concurrent first requests, boot %d ms (%s), %d runs" % (c["n"], c["boot_ms"], c.get("client", ""), c["runs"]))
     p()
-    p("| run | starts | 200s | peak parked | wake p50 ms | wake p99 ms | wake max ms | RSS growth per parked request |")
-    p("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    p("| run | starts | 200s | peak parked | new backend conns | wake p50 ms | wake p99 ms | wake max ms | RSS growth per parked request |")
+    p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(c["runs_detail"]):
-        p("| %d | %s | %s | %s | %.1f | %.1f | %.1f | %.0f B |" % (
-            i + 1, r["starts"], r["ok"], r["peak_pending"], r["wake_p50_ms"], r["wake_p99_ms"], r["wake_max_ms"],
-            r["bytes_per_parked_request"]))
-    p("| **median** | | | | %.1f | %.1f | %.1f | %.0f B |" % (
+        p("| %d | %s | %s | %s | %s | %.1f | %.1f | %.1f | %.0f B |" % (
+            i + 1, r["starts"], r["ok"], r["peak_pending"], r.get("backend_connections", "?"), r["wake_p50_ms"],
+            r["wake_p99_ms"], r["wake_max_ms"], r["bytes_per_parked_request"]))
+    p("| **median** | | | | | %.1f | %.1f | %.1f | %.0f B |" % (
         c["median_wake_p50_ms"], c["median_wake_p99_ms"], c["median_wake_max_ms"], c["median_bytes_per_parked_request"]))
     p()
 
@@ -181,9 +181,14 @@ if os.path.exists(cp_path):
     cp = json.load(open(cp_path))
     p("## Control-plane calls per cold start (emulator)")
     p()
-    p("```json")
-    p(json.dumps(cp, indent=1))
-    p("```")
+    p("| run | concurrent first requests | 200s | cold start s | Compute API calls | by method | original, same timings |")
+    p("|---:|---:|---:|---:|---:|---|---|")
+    for i, r in enumerate(cp["runs"]):
+        p("| %d | %d | %d | %.2f | %d | %s | %d per first request (%s); %d for all %d |" % (
+            i + 1, r["concurrent_first_requests"], r["ok"], r["cold_start_s"], r["compute_calls"],
+            ", ".join("%s %d" % kv for kv in sorted(r["calls"].items())), r["original_compute_calls_one_request"],
+            ", ".join("%s %d" % kv for kv in sorted(r["original_breakdown_one_request"].items())),
+            r["original_compute_calls_all_requests"], r["concurrent_first_requests"]))
     p()
 elif os.path.exists(cp_txt):
     p("## Control-plane calls per cold start (emulator)")

@@ -106,6 +106,12 @@ async fn wait_addr_file(path: &std::path::Path) -> Result<SocketAddr, BoxError> 
     Err(format!("{} never appeared", path.display()).into())
 }
 
+/// Connections the backend accepted so far (this query's own included).
+async fn backend_conns(backend: SocketAddr) -> Result<u64, BoxError> {
+    let (_, _, _, body) = crate::common::get(backend, "/_conns").await?;
+    Ok(std::str::from_utf8(&body)?.trim().parse()?)
+}
+
 async fn h2_connect(
     addr: SocketAddr,
 ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, BoxError> {
@@ -167,6 +173,7 @@ async fn cold_run(
     let base = get_json(front, "/_stats").await?;
     let base_rss = base["rss_kib"].as_u64().unwrap_or(0);
 
+    let conns_before = backend_conns(backend).await?;
     let sent_at = now_ns();
     let mut tasks = Vec::with_capacity(n);
     if h2_conns == 0 {
@@ -220,6 +227,7 @@ async fn cold_run(
         }
     }
     let fin = get_json(front, "/_stats").await?;
+    let backend_connections = backend_conns(backend).await? - conns_before - 1;
     let _ = child.kill().await;
     let ready_at = fin["ready_at_ns"].as_u64().unwrap_or(0);
     let mut wake: Vec<f64> = done
@@ -240,6 +248,7 @@ async fn cold_run(
         "not_ok": other,
         "boot_observed_ms": (ready_at as f64 - sent_at as f64) / 1e6,
         "peak_pending": peak_pending,
+        "backend_connections": backend_connections,
         "base_rss_kib": base_rss,
         "rss_at_peak_kib": rss_at_peak,
         "max_rss_kib": max_rss,

@@ -101,6 +101,9 @@ impl Args {
     }
 }
 
+/// Connections accepted by [`serve`] in this process.
+pub static ACCEPTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
 /// Serves HTTP/1.1 keep-alive on `listener`, answering every request with `handler`, until the
@@ -115,6 +118,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                 continue;
             }
         };
+        ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {

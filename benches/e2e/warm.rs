@@ -20,11 +20,18 @@ use crate::common::{listen, serve, text, write_addr_file, Args, BoxError, Handle
 pub const SMALL: &[u8] = b"hello, world\n";
 pub const BIG_LEN: usize = 1 << 20;
 
-/// The backend's answers: `big` → 1 MiB, else 13 bytes.
+/// The backend's answers: `big` → 1 MiB, `/_conns` → connections accepted so far, else 13 bytes.
 pub fn backend_handler() -> Handler {
     let big = Bytes::from(vec![b'x'; BIG_LEN]);
     Arc::new(move |req| {
-        if req.uri().path().contains("big") {
+        if req.uri().path() == "/_conns" {
+            text(
+                StatusCode::OK,
+                crate::common::ACCEPTED
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .to_string(),
+            )
+        } else if req.uri().path().contains("big") {
             text(StatusCode::OK, big.clone())
         } else {
             text(StatusCode::OK, Bytes::from_static(SMALL))
