@@ -204,15 +204,17 @@ fn start_binary() -> Running {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the binary did not say where it listens");
-    Running {
+    // The guard kills the binary if the test fails from here on: nothing outlives the test.
+    let mut running = Running {
         child,
-        addr,
+        addr: ([127, 0, 0, 1], 0).into(),
         pidfile,
         _config: config,
-    }
+    };
+    running.addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the binary did not say where it listens");
+    running
 }
 
 fn backend_pid(r: &Running) -> i32 {

@@ -195,10 +195,18 @@ impl Lifecycle {
                 if rx.changed().await.is_err() {
                     unreachable!("the lifecycle owns the sender");
                 }
-                match self.lock().claim(ticket, Instant::now()) {
+                let now = Instant::now();
+                let mut m = self.lock();
+                let claim = m.claim(ticket, now);
+                let report = matches!(claim, Claim::Ready(_)) && m.activity_report_due(now);
+                drop(m);
+                match claim {
                     Claim::Wait => continue,
                     Claim::Ready(ep) => {
                         waiting.done = true;
+                        if report {
+                            self.report_activity();
+                        }
                         return Ok(Lease {
                             lifecycle: self.clone(),
                             endpoint: ep,
@@ -346,7 +354,9 @@ impl Lifecycle {
                 let now = Instant::now();
                 let (idle, ep, busy, report) = {
                     let mut m = self.lock();
-                    let State::Running(ep) = m.state() else { return };
+                    let State::Running(ep) = m.state() else {
+                        return;
+                    };
                     if m.generation() != generation {
                         return;
                     }
