@@ -147,18 +147,6 @@ fn an_unusable_listen_address_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }
 
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 struct Running {
     child: Child,
     addr: SocketAddr,
@@ -228,7 +216,7 @@ fn backend_pid(r: &Running) -> i32 {
 async fn wait_gone(pid: i32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if !alive(pid) {
+        if !common::alive(pid as u32) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -250,7 +238,7 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
         "served by python's http.server: {body}"
     );
     let pid = backend_pid(&r);
-    assert!(alive(pid));
+    assert!(common::alive(pid as u32));
 
     kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM).unwrap();
     let status = tokio::task::spawn_blocking(move || {

@@ -240,36 +240,13 @@ async fn an_open_websocket_keeps_the_machine_alive() {
     assert_eq!(backend.stops(), 1);
 }
 
-/// A backend whose stop is slow, so a request can arrive while it is Stopping.
-#[derive(Clone)]
-struct SlowStop(FakeBackend);
-
-impl vmproxy::backend::Backend for SlowStop {
-    fn name(&self) -> &str {
-        "slow-stop"
-    }
-    fn start(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Endpoint> {
-        self.0.start()
-    }
-    fn stop(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
-        Box::pin(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            self.0.stop().await
-        })
-    }
-    fn status(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Status> {
-        self.0.status()
-    }
-}
-
 #[tokio::test]
 async fn a_request_during_stopping_waits_and_is_served_after_a_restart() {
-    let fake = FakeBackend::new(Duration::ZERO);
-    let route = vmproxy::Route::builder("/app", SlowStop(fake.clone()))
-        .health_path("/healthz")
-        .probe_interval(Duration::from_millis(5), Duration::from_millis(20))
-        .build()
-        .unwrap();
+    let fake = FakeBackend::with(Knobs {
+        stop_delay: Duration::from_millis(300),
+        ..Knobs::default()
+    });
+    let route = route(fake.clone()).build().unwrap();
     let handle = route.handle();
     let addr = front(route).await;
     assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
@@ -325,35 +302,11 @@ async fn handle_prewarms_and_stops() {
     watch.borrow_and_update();
 }
 
-/// Counts the activity reports a replica sends while it serves.
-#[derive(Clone)]
-struct Reporting(FakeBackend, std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl vmproxy::backend::Backend for Reporting {
-    fn name(&self) -> &str {
-        "reporting"
-    }
-    fn start(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Endpoint> {
-        self.0.start()
-    }
-    fn stop(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
-        self.0.stop()
-    }
-    fn status(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Status> {
-        self.0.status()
-    }
-    fn record_activity(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
-        self.1.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(()) })
-    }
-}
-
 #[tokio::test]
 async fn a_long_response_is_reported_as_activity_for_other_replicas() {
     let fake = FakeBackend::new(Duration::ZERO);
-    let reports = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let route = vmproxy::Route::builder("/app", Reporting(fake.clone(), reports.clone()))
-        .health_path("/healthz")
+    let reports = &fake.knobs.activity_reports;
+    let route = route(fake.clone())
         .idle_timeout(Some(Duration::from_millis(400)))
         .build()
         .unwrap();

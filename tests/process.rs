@@ -13,19 +13,6 @@ use nix::unistd::Pid;
 use vmproxy::backend::process::ProcessBackend;
 use vmproxy::{Route, State};
 
-/// Whether `pid` is a live process (a zombie awaiting its reaper counts as gone).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 fn python_backend() -> Arc<ProcessBackend> {
     Arc::new(
         ProcessBackend::new([

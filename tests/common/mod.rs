@@ -34,6 +34,10 @@ pub struct Knobs {
     pub fail_starts: AtomicUsize,
     /// Answer 503 on the health path while true.
     pub unhealthy: AtomicBool,
+    /// How long `stop` takes.
+    pub stop_delay: Duration,
+    /// `record_activity` calls received.
+    pub activity_reports: AtomicUsize,
 }
 
 type Server = (SocketAddr, JoinHandle<()>);
@@ -49,14 +53,16 @@ pub struct FakeBackend {
 
 impl FakeBackend {
     pub fn new(boot: Duration) -> Self {
-        let b = FakeBackend::default();
-        let knobs = Knobs {
+        Self::with(Knobs {
             boot,
             ..Knobs::default()
-        };
+        })
+    }
+
+    pub fn with(knobs: Knobs) -> Self {
         FakeBackend {
             knobs: Arc::new(knobs),
-            ..b
+            ..FakeBackend::default()
         }
     }
 
@@ -108,10 +114,16 @@ impl Backend for FakeBackend {
 
     fn stop(&self) -> BackendFuture<'_, ()> {
         Box::pin(async move {
+            tokio::time::sleep(self.knobs.stop_delay).await;
             self.stops.fetch_add(1, Ordering::SeqCst);
             self.vanish();
             Ok(())
         })
+    }
+
+    fn record_activity(&self) -> BackendFuture<'_, ()> {
+        self.knobs.activity_reports.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
     }
 
     fn status(&self) -> BackendFuture<'_, Status> {
@@ -333,5 +345,18 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
             "condition not met within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether `pid` is a live process (a zombie awaiting its reaper counts as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
     }
 }
