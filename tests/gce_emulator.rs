@@ -392,3 +392,255 @@ async fn bad_specs_are_rejected_at_build_time() {
         "STANDARD"
     );
 }
+
+#[tokio::test]
+async fn bad_tokens_get_googles_401_body() {
+    let emu = emulator().await;
+    let mut c = Client::new(&emu).await;
+    c.token = "ya29.not-from-here".into();
+    let res = c
+        .http
+        .get(format!("{}instances/x", c.base))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers().contains_key("www-authenticate"));
+    let v: Value = res.json().await.unwrap();
+    let e = &v["error"];
+    assert_eq!(e["code"], 401);
+    assert_eq!(e["status"], "UNAUTHENTICATED");
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Request had invalid authentication credentials."));
+    assert_eq!(
+        e["errors"][0],
+        json!({"message": "Invalid Credentials", "domain": "global", "reason": "authError",
+               "location": "Authorization", "locationType": "header"})
+    );
+    // No Authorization header at all: the same.
+    let res = c
+        .http
+        .get(format!("{}instances/x", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+}
+
+#[tokio::test]
+async fn error_bodies_carry_the_canonical_status() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "st", "RUNNING", PORT).unwrap();
+    let c = Client::new(&emu).await;
+    let status_of = |v: &Value| v["error"]["status"].as_str().unwrap_or("").to_owned();
+    let (s, v) = c.get("instances/none").await;
+    assert_eq!(
+        (s, reason(&v), status_of(&v).as_str()),
+        (404, "notFound", "NOT_FOUND")
+    );
+    assert_eq!(v["error"]["errors"][0]["domain"], "global");
+    let (s, v) = c.post("instances", Some(minimal("st"))).await;
+    assert_eq!(
+        (s, reason(&v), status_of(&v).as_str()),
+        (409, "alreadyExists", "ALREADY_EXISTS")
+    );
+    let (s, v) = c.post("instances", Some(minimal("Bad"))).await;
+    assert_eq!(
+        (s, reason(&v), status_of(&v).as_str()),
+        (400, "invalid", "INVALID_ARGUMENT")
+    );
+    let (s, v) = c
+        .post(
+            "instances/st/setLabels",
+            Some(json!({"labels": {}, "labelFingerprint": "stale="})),
+        )
+        .await;
+    assert_eq!(
+        (s, reason(&v), status_of(&v).as_str()),
+        (412, "conditionNotMet", "FAILED_PRECONDITION")
+    );
+    emu.fail_next("instances.get", 1, 403, "rateLimitExceeded");
+    let (s, v) = c.get("instances/st").await;
+    assert_eq!(
+        (s, reason(&v), status_of(&v).as_str()),
+        (403, "rateLimitExceeded", "PERMISSION_DENIED")
+    );
+    emu.fail_next("instances.get", 1, 500, "backendError");
+    let (s, v) = c.get("instances/st").await;
+    assert_eq!((s, status_of(&v).as_str()), (500, "INTERNAL"));
+    emu.fail_next("instances.get", 1, 429, "rateLimitExceeded");
+    let (s, v) = c.get("instances/st").await;
+    assert_eq!((s, status_of(&v).as_str()), (429, "RESOURCE_EXHAUSTED"));
+    let (s, v) = c.get("operations/operation-none").await;
+    assert_eq!((s, reason(&v)), (404, "notFound"));
+    // Operations belong to their project: another project's path does not find them.
+    let (_, op) = c.post("instances/st/stop", None).await;
+    let other = c.base.replace(emu.project(), "other-project");
+    let res = c
+        .http
+        .get(format!(
+            "{other}operations/{}",
+            op["name"].as_str().unwrap()
+        ))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let v: Value = res.json().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("projects/other-project/"));
+}
+
+#[tokio::test]
+async fn set_labels_without_a_fingerprint_is_412_like_a_stale_one() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "nofp", "RUNNING", PORT).unwrap();
+    let c = Client::new(&emu).await;
+    for body in [
+        json!({"labels": {"a": "1"}}),
+        json!({"labels": {"a": "1"}, "labelFingerprint": ""}),
+    ] {
+        let (s, v) = c.post("instances/nofp/setLabels", Some(body)).await;
+        assert_eq!((s, reason(&v)), (412, "conditionNotMet"), "{v}");
+        assert_eq!(
+            v["error"]["message"],
+            "Labels fingerprint either invalid or resource labels have changed"
+        );
+        assert_eq!(v["error"]["errors"][0]["location"], "If-Match");
+    }
+    assert_eq!(
+        emu.instance(ZONE, "nofp").unwrap().labels["managed-by"],
+        "vmproxy"
+    );
+}
+
+#[tokio::test]
+async fn spot_inserts_may_leave_restart_and_maintenance_to_the_defaults() {
+    let emu = emulator().await;
+    let c = Client::new(&emu).await;
+    // Google's own REST example for a Spot VM sends only these two.
+    let mut spot = minimal("spot-vm");
+    spot["scheduling"] = json!({"provisioningModel": "SPOT", "instanceTerminationAction": "STOP"});
+    let (s, op) = c.post("instances", Some(spot)).await;
+    assert_eq!(s, 200, "{op}");
+    let (_, inst) = c.get("instances/spot-vm").await;
+    let sch = &inst["scheduling"];
+    assert_eq!(sch["provisioningModel"], "SPOT");
+    assert_eq!(sch["automaticRestart"], false);
+    assert_eq!(sch["onHostMaintenance"], "TERMINATE");
+    assert_eq!(sch["preemptible"], true);
+    let mut legacy = minimal("legacy");
+    legacy["scheduling"] = json!({"preemptible": true});
+    let (s, v) = c.post("instances", Some(legacy)).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, inst) = c.get("instances/legacy").await;
+    assert_eq!(inst["scheduling"]["automaticRestart"], false);
+    assert_eq!(inst["scheduling"]["onHostMaintenance"], "TERMINATE");
+    // Explicit contradictions are still refused.
+    for (what, sch) in [
+        (
+            "automaticRestart true",
+            json!({"provisioningModel": "SPOT", "automaticRestart": true}),
+        ),
+        (
+            "MIGRATE",
+            json!({"provisioningModel": "SPOT", "onHostMaintenance": "MIGRATE"}),
+        ),
+        (
+            "preemptible MIGRATE",
+            json!({"preemptible": true, "onHostMaintenance": "MIGRATE"}),
+        ),
+        ("bad enum", json!({"onHostMaintenance": "SOMETIMES"})),
+    ] {
+        let mut body = minimal("contra");
+        body["scheduling"] = sch;
+        let (s, v) = c.post("instances", Some(body)).await;
+        assert_eq!((s, reason(&v)), (400, "invalid"), "{what}: {v}");
+    }
+    // A standard VM keeps the standard defaults.
+    let mut std_vm = minimal("std-vm");
+    std_vm.as_object_mut().unwrap().remove("scheduling");
+    let (s, _) = c.post("instances", Some(std_vm)).await;
+    assert_eq!(s, 200);
+    let (_, inst) = c.get("instances/std-vm").await;
+    assert_eq!(inst["scheduling"]["automaticRestart"], true);
+    assert_eq!(inst["scheduling"]["onHostMaintenance"], "MIGRATE");
+    assert_eq!(inst["scheduling"]["preemptible"], false);
+}
+
+#[tokio::test]
+async fn metadata_server_answers_what_googles_clients_ask() {
+    let emu = emulator().await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str| {
+        http.get(format!("{}{path}", emu.url()))
+            .header("Metadata-Flavor", "Google")
+            .send()
+    };
+    // The ping of Google's clients (Python's google-auth with GCE_METADATA_IP).
+    let res = get("/").await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["metadata-flavor"], "Google");
+    // project-id is plain text.
+    let res = get("/computeMetadata/v1/project/project-id").await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert_eq!(res.text().await.unwrap(), emu.project());
+    // Service account info (google-auth asks for it before the token).
+    let res = get("/computeMetadata/v1/instance/service-accounts/default/?recursive=true")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let info: Value = res.json().await.unwrap();
+    let email = info["email"].as_str().unwrap().to_owned();
+    assert!(email.ends_with(".iam.gserviceaccount.com"), "{info}");
+    assert_eq!(info["aliases"], json!(["default"]));
+    assert!(info["scopes"].as_array().is_some_and(|s| !s.is_empty()));
+    let res = get("/computeMetadata/v1/instance/service-accounts/default/email")
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), email);
+    // A token with scopes, and by the account's email.
+    for path in [
+        "/computeMetadata/v1/instance/service-accounts/default/token?scopes=https://www.googleapis.com/auth/compute,https://www.googleapis.com/auth/cloud-platform".to_owned(),
+        format!("/computeMetadata/v1/instance/service-accounts/{email}/token"),
+    ] {
+        let res = get(&path).await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["token_type"], "Bearer");
+    }
+    let res = get("/computeMetadata/v1/instance/service-accounts/")
+        .await
+        .unwrap();
+    assert!(res.text().await.unwrap().contains("default/"));
+    let res = get("/computeMetadata/v1/universe/universe-domain")
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "googleapis.com");
+    let res = get("/computeMetadata/v1/instance/nothing-here")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["metadata-flavor"], "Google");
+    // Without the header, everything under /computeMetadata/ is refused.
+    let res = http
+        .get(format!(
+            "{}/computeMetadata/v1/project/project-id",
+            emu.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(emu.tokens_issued(), 2);
+}

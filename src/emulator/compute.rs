@@ -25,39 +25,101 @@ pub(crate) fn json_response(status: StatusCode, v: Value) -> Response {
         .into_response()
 }
 
-/// A Google API error body.
-pub(crate) fn api_error(status: u16, reason: &str, message: impl Into<String>) -> Response {
-    let message = message.into();
-    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let grpc = match status {
+/// The canonical `status` Google puts beside an HTTP error code.
+pub(crate) fn grpc_status(status: u16) -> &'static str {
+    match status {
         400 => "INVALID_ARGUMENT",
         401 => "UNAUTHENTICATED",
         403 => "PERMISSION_DENIED",
         404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
         409 => "ALREADY_EXISTS",
         412 => "FAILED_PRECONDITION",
         429 => "RESOURCE_EXHAUSTED",
+        499 => "CANCELLED",
+        500 => "INTERNAL",
+        501 => "UNIMPLEMENTED",
         503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
         _ => "UNKNOWN",
-    };
+    }
+}
+
+/// A Google API error body:
+/// `{"error":{"code","message","errors":[{"domain","reason","message"}],"status"}}`.
+pub(crate) fn api_error(status: u16, reason: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    let item = json!({ "domain": "global", "reason": reason, "message": message });
+    error_body(status, message, item)
+}
+
+fn error_body(status: u16, message: String, item: Value) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(
         code,
         json!({ "error": {
             "code": status,
             "message": message,
-            "errors": [{ "domain": "global", "reason": reason, "message": message }],
-            "status": grpc,
+            "errors": [item],
+            "status": grpc_status(status),
         }}),
     )
 }
 
+/// What Google answers for a missing, expired or foreign access token.
+fn unauthenticated() -> Response {
+    let mut res = error_body(
+        401,
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.".to_owned(),
+        json!({
+            "message": "Invalid Credentials",
+            "domain": "global",
+            "reason": "authError",
+            "location": "Authorization",
+            "locationType": "header",
+        }),
+    );
+    res.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"https://accounts.google.com/\""),
+    );
+    res
+}
+
+/// 412 for a stale or missing label fingerprint, as Compute Engine words it.
+fn fingerprint_mismatch() -> Response {
+    let message = "Labels fingerprint either invalid or resource labels have changed";
+    error_body(
+        412,
+        message.to_owned(),
+        json!({
+            "message": message,
+            "domain": "global",
+            "reason": "conditionNotMet",
+            "location": "If-Match",
+            "locationType": "header",
+        }),
+    )
+}
+
 enum Route {
-    Insert { project: String, zone: String },
+    Insert {
+        project: String,
+        zone: String,
+    },
     Get(Key),
     Delete(Key),
     Action(Key, &'static str),
-    OpGet { zone: String, op: String },
-    OpWait { zone: String, op: String },
+    OpGet {
+        project: String,
+        zone: String,
+        op: String,
+    },
+    OpWait {
+        project: String,
+        zone: String,
+        op: String,
+    },
 }
 
 fn route(method: &Method, path: &str) -> Option<(&'static str, Route)> {
@@ -89,16 +151,18 @@ fn route(method: &Method, path: &str) -> Option<(&'static str, Route)> {
             };
             (m, Route::Action(key(p, z, n), m))
         }
-        ("GET", ["projects", _, "zones", z, "operations", op]) => (
+        ("GET", ["projects", p, "zones", z, "operations", op]) => (
             "zoneOperations.get",
             Route::OpGet {
+                project: (*p).to_owned(),
                 zone: (*z).to_owned(),
                 op: (*op).to_owned(),
             },
         ),
-        ("POST", ["projects", _, "zones", z, "operations", op, "wait"]) => (
+        ("POST", ["projects", p, "zones", z, "operations", op, "wait"]) => (
             "zoneOperations.wait",
             Route::OpWait {
+                project: (*p).to_owned(),
                 zone: (*z).to_owned(),
                 op: (*op).to_owned(),
             },
@@ -184,16 +248,7 @@ async fn handle_route(
         let mut st = world.lock();
         if !token.is_some_and(|t| st.tokens.contains(t)) {
             drop(st);
-            let mut res = api_error(
-                401,
-                "authError",
-                "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
-            );
-            res.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer realm=\"https://accounts.google.com/\""),
-            );
-            return res;
+            return unauthenticated();
         }
         if let Some((status, reason)) = st.take_fault(name) {
             drop(st);
@@ -226,30 +281,37 @@ async fn handle_route(
         Route::Delete(key) => delete(world, key, request_id),
         Route::Action(key, "instances.setLabels") => set_labels(world, key, request_id, body),
         Route::Action(key, action) => act(world, key, action, request_id),
-        Route::OpGet { zone, op } => {
+        Route::OpGet { project, zone, op } => {
             let st = world.lock();
-            match st.ops.get(&op).filter(|o| o.zone == zone) {
+            match st
+                .ops
+                .get(&op)
+                .filter(|o| o.zone == zone && o.project == project)
+            {
                 Some(o) => json_response(StatusCode::OK, o.to_json()),
-                None => not_found("operations", &world.opts.project, &zone, &op),
+                None => not_found("operations", &project, &zone, &op),
             }
         }
-        Route::OpWait { zone, op } => wait(world, zone, op).await,
+        Route::OpWait { project, zone, op } => wait(world, project, zone, op).await,
     }
 }
 
-async fn wait(world: &Arc<World>, zone: String, op: String) -> Response {
+async fn wait(world: &Arc<World>, project: String, zone: String, op: String) -> Response {
     let deadline = tokio::time::Instant::now() + world.opts.wait_deadline;
     let mut rx = world.changed.subscribe();
     loop {
         let (current, early) = {
             let st = world.lock();
             (
-                st.ops.get(&op).filter(|o| o.zone == zone).cloned(),
+                st.ops
+                    .get(&op)
+                    .filter(|o| o.zone == zone && o.project == project)
+                    .cloned(),
                 st.wait_early,
             )
         };
         let Some(current) = current else {
-            return not_found("operations", &world.opts.project, &zone, &op);
+            return not_found("operations", &project, &zone, &op);
         };
         if current.status == "DONE" || early {
             return json_response(StatusCode::OK, current.to_json());
@@ -578,10 +640,22 @@ fn validate_insert(
         ));
     }
     let spot = model == Some("SPOT") || s["preemptible"].as_bool() == Some(true);
-    if spot && s["automaticRestart"].as_bool() != Some(false) {
+    // Spot and preemptible VMs default to automaticRestart false and onHostMaintenance
+    // TERMINATE (Google's own REST examples send only provisioningModel and
+    // instanceTerminationAction); only an explicit contrary setting is refused.
+    if spot && s["automaticRestart"].as_bool() == Some(true) {
         return Err("Invalid value for field 'resource.scheduling.automaticRestart': 'true'. Preemptible and Spot instances cannot be automatically restarted.".into());
     }
-    if spot && s["onHostMaintenance"].as_str() != Some("TERMINATE") {
+    if !matches!(
+        s["onHostMaintenance"].as_str(),
+        None | Some("MIGRATE") | Some("TERMINATE")
+    ) {
+        return Err(format!(
+            "Invalid value for field 'resource.scheduling.onHostMaintenance': {}",
+            s["onHostMaintenance"]
+        ));
+    }
+    if spot && s["onHostMaintenance"].as_str() == Some("MIGRATE") {
         return Err("Invalid value for field 'resource.scheduling.onHostMaintenance': Preemptible and Spot instances must use onHostMaintenance TERMINATE.".into());
     }
     let action = s["instanceTerminationAction"].as_str();
@@ -738,19 +812,10 @@ fn set_labels(world: &Arc<World>, key: Key, request_id: Option<&str>, body: &Byt
     let Some(inst) = st.instances.get_mut(&key) else {
         return not_found("instances", &key.0, &key.1, &key.2);
     };
-    let Some(fp) = body["labelFingerprint"].as_str() else {
-        return api_error(
-            400,
-            "invalid",
-            "Invalid value for field 'labelFingerprint': ''. Provide the current fingerprint.",
-        );
-    };
-    if fp != inst.label_fingerprint {
-        return api_error(
-            412,
-            "conditionNotMet",
-            "Labels fingerprint either invalid or resource labels have changed",
-        );
+    // The real API answers a missing fingerprint like a stale one: 412 conditionNotMet.
+    let fp = body["labelFingerprint"].as_str().unwrap_or("");
+    if fp.is_empty() || fp != inst.label_fingerprint {
+        return fingerprint_mismatch();
     }
     inst.labels = labels;
     inst.label_fingerprint = fingerprint();

@@ -244,7 +244,8 @@ async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if uri.path().starts_with("/computeMetadata/") {
+    let path = uri.path();
+    if path == "/" || path == "/computeMetadata" || path.starts_with("/computeMetadata/") {
         metadata::handle(&world, &method, &uri, &headers)
     } else {
         compute::handle(world, method, uri, headers, body).await

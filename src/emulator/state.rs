@@ -184,6 +184,20 @@ impl Inst {
             "preemptible": false,
             "provisioningModel": "STANDARD",
         });
+        let spot = b["scheduling"]["provisioningModel"].as_str() == Some("SPOT")
+            || b["scheduling"]["preemptible"].as_bool() == Some(true);
+        if spot {
+            // What get shows for a Spot VM, whatever of it the insert left out.
+            scheduling = json!({
+                "onHostMaintenance": "TERMINATE",
+                "automaticRestart": false,
+                "preemptible": true,
+            });
+            if b["scheduling"]["provisioningModel"].as_str() == Some("SPOT") {
+                scheduling["provisioningModel"] = json!("SPOT");
+                scheduling["instanceTerminationAction"] = json!("STOP");
+            }
+        }
         if let Some(s) = b["scheduling"].as_object() {
             for (k, v) in s {
                 scheduling[k] = v.clone();

@@ -148,6 +148,11 @@ impl Api {
     pub(crate) fn new(cfg: ApiConfig) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // No decompression, even if another crate turns reqwest's codecs on.
+            .no_gzip()
+            .no_brotli()
+            .no_deflate()
+            .no_zstd()
             .connect_timeout(Duration::from_secs(10))
             // zoneOperations.wait long-polls for up to 2 minutes.
             .timeout(Duration::from_secs(150))
