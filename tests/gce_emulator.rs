@@ -47,10 +47,13 @@ impl Client {
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method.clone(), format!("{}{path}", self.base))
             .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
+        match body {
+            Some(b) => req = req.json(&b),
+            // As every Google client does for a POST without a body.
+            None if method == reqwest::Method::POST => req = req.header("content-length", "0"),
+            None => {}
         }
         let res = req.send().await.unwrap();
         let status = res.status().as_u16();
@@ -643,4 +646,42 @@ async fn metadata_server_answers_what_googles_clients_ask() {
         .unwrap();
     assert_eq!(res.status(), 403);
     assert_eq!(emu.tokens_issued(), 2);
+}
+
+#[tokio::test]
+async fn a_post_without_content_length_gets_googles_411_when_strict() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "len", "RUNNING", PORT).unwrap();
+    let c = Client::new(&emu).await;
+    // reqwest (hyper) sends no Content-Length for a POST without a body.
+    let res = c
+        .http
+        .post(format!("{}instances/len/stop", c.base))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 411);
+    assert_eq!(emu.instance(ZONE, "len").unwrap().status, "RUNNING");
+    let (s, op) = c.post("instances/len/stop", None).await;
+    assert_eq!(s, 200, "{op}");
+    let (s, op) = c
+        .post(
+            &format!("operations/{}/wait", op["name"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!((s, op["status"].as_str()), (200, Some("DONE")));
+    // Not strict (the default): bare clients are served.
+    let lax = Emulator::start(EmulatorOptions::fast()).await.unwrap();
+    lax.add_instance(ZONE, "len", "RUNNING", PORT).unwrap();
+    let c = Client::new(&lax).await;
+    let res = c
+        .http
+        .post(format!("{}instances/len/stop", c.base))
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 }

@@ -215,6 +215,19 @@ pub(crate) async fn handle(
         log(&world, "unknown", &method, &uri, 404);
         return res;
     };
+    let unframed = !headers.contains_key(http::header::CONTENT_LENGTH)
+        && !headers.contains_key(http::header::TRANSFER_ENCODING);
+    if world.opts.require_content_length && method == Method::POST && unframed {
+        // Google's front end refuses these before any API sees them.
+        let res = (
+            StatusCode::LENGTH_REQUIRED,
+            [(http::header::CONTENT_TYPE, "text/html; charset=UTF-8")],
+            "<!DOCTYPE html>\n<html lang=en>\n  <title>Error 411 (Length Required)!!1</title>\n  <p><b>411.</b> <ins>That’s an error.</ins>\n  <p>POST requests require a <code>Content-length</code> header.  <ins>That’s all we know.</ins>\n",
+        )
+            .into_response();
+        log(&world, name, &method, &uri, 411);
+        return res;
+    }
     let res = handle_route(&world, name, route, &uri, &headers, &body).await;
     log(&world, name, &method, &uri, res.status().as_u16());
     res

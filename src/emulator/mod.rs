@@ -96,6 +96,10 @@ pub struct EmulatorOptions {
     pub wait_deadline: Duration,
     /// `expires_in` of issued tokens (default 3599 s).
     pub token_lifetime: Duration,
+    /// Answer a POST that has neither `Content-Length` nor `Transfer-Encoding` with 411, as
+    /// Google's front end does ("POST requests require a Content-length header"). Off by
+    /// default, so that bare HTTP clients can try the emulator.
+    pub require_content_length: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -113,6 +117,7 @@ impl Default for EmulatorOptions {
             default_port: 8080,
             wait_deadline: Duration::from_secs(120),
             token_lifetime: Duration::from_secs(3599),
+            require_content_length: false,
         }
     }
 }
@@ -174,6 +179,13 @@ impl EmulatorOptions {
     /// The instance port when the metadata does not say.
     pub fn default_port(mut self, port: u16) -> Self {
         self.default_port = port;
+        self
+    }
+
+    /// Whether a POST without `Content-Length` gets Google's 411 (see
+    /// [`EmulatorOptions::require_content_length`]).
+    pub fn require_content_length(mut self, on: bool) -> Self {
+        self.require_content_length = on;
         self
     }
 
@@ -427,6 +439,8 @@ OPTIONS:
     --port PORT            instance port when its metadata has no vmproxy-port (default 8080)
     --wait-deadline DUR    longest zoneOperations.wait (default 2m)
     --never-healthy        instances answer 503 on the health path
+    --require-content-length
+                           a POST without Content-Length gets 411, as from Google
     -h, --help             this help
 
 The Compute API is served at http://ADDR/compute/v1/ and the metadata server at
@@ -481,6 +495,7 @@ pub async fn run_cli(args: &[String]) -> Result<(), BoxError> {
                 opts.default_port = value(flag)?.parse().map_err(|e| format!("--port: {e}"))?
             }
             "--never-healthy" => never_healthy = true,
+            "--require-content-length" => opts.require_content_length = true,
             other => return Err(format!("unknown option {other:?} (see --help)").into()),
         }
     }

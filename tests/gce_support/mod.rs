@@ -23,7 +23,8 @@ pub fn ms(n: u64) -> Duration {
 }
 
 pub async fn emulator() -> Emulator {
-    Emulator::start(EmulatorOptions::fast())
+    // Strict like Google's front end: a POST without Content-Length is refused with 411.
+    Emulator::start(EmulatorOptions::fast().require_content_length(true))
         .await
         .expect("emulator starts")
 }

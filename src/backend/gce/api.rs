@@ -323,9 +323,16 @@ impl Api {
     ) -> Result<Value, GceError> {
         let headers = self.auth_headers().await?;
         debug!(call, %method, url, "Compute Engine call");
+        let method_has_body = method == Method::POST;
         let mut req = self.http.request(method, url).headers(headers);
-        if let Some(b) = body {
-            req = req.json(b);
+        match body {
+            Some(b) => req = req.json(b),
+            // Google's front end answers a POST without Content-Length with 411, and hyper
+            // sends none for an empty body: say it (wait, start, stop, suspend, resume).
+            None if method_has_body => {
+                req = req.header(http::header::CONTENT_LENGTH, "0");
+            }
+            None => {}
         }
         let res = req.send().await.map_err(|e| {
             GceError::new(
