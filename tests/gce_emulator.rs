@@ -685,3 +685,60 @@ async fn a_post_without_content_length_gets_googles_411_when_strict() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test]
+async fn lists_query_params_and_empty_labels_read_like_compute_engine() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "b-vm", "RUNNING", PORT).unwrap();
+    emu.add_instance(ZONE, "a-vm", "TERMINATED", PORT).unwrap();
+    let c = Client::new(&emu).await;
+    let (s, list) = c.get("instances").await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["kind"], "compute#instanceList");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a-vm", "b-vm"]);
+    let (s, op) = c
+        .post("instances/b-vm/stop?discardLocalSsd=maybe", None)
+        .await;
+    assert_eq!((s, reason(&op)), (400, "invalid"), "{op}");
+    let (s, op) = c
+        .post("instances/b-vm/stop?discardLocalSsd=false", None)
+        .await;
+    assert_eq!(s, 200, "{op}");
+    let (s, ops) = c.get("operations").await;
+    assert_eq!(s, 200);
+    assert_eq!(ops["kind"], "compute#operationList");
+    assert!(ops["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o["name"] == op["name"]));
+    // Another zone: nothing, and no `items` at all.
+    let res = c
+        .http
+        .get(c.base.replace(ZONE, "europe-west1-b") + "instances")
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    assert!(v.get("items").is_none(), "{v}");
+    // Labels removed: the map is left out, the fingerprint stays.
+    let (_, inst) = c.get("instances/a-vm").await;
+    let fp = inst["labelFingerprint"].as_str().unwrap().to_owned();
+    let (s, _) = c
+        .post(
+            "instances/a-vm/setLabels",
+            Some(json!({"labels": {}, "labelFingerprint": fp})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, inst) = c.get("instances/a-vm").await;
+    assert!(inst.get("labels").is_none(), "{inst}");
+    assert!(inst["labelFingerprint"].is_string());
+}

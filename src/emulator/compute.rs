@@ -103,6 +103,14 @@ fn fingerprint_mismatch() -> Response {
 }
 
 enum Route {
+    List {
+        project: String,
+        zone: String,
+    },
+    OpList {
+        project: String,
+        zone: String,
+    },
     Insert {
         project: String,
         zone: String,
@@ -127,6 +135,20 @@ fn route(method: &Method, path: &str) -> Option<(&'static str, Route)> {
     let segs: Vec<&str> = rest.split('/').collect();
     let key = |p: &str, z: &str, n: &str| (p.to_owned(), z.to_owned(), n.to_owned());
     Some(match (method.as_str(), segs.as_slice()) {
+        ("GET", ["projects", p, "zones", z, "instances"]) => (
+            "instances.list",
+            Route::List {
+                project: (*p).to_owned(),
+                zone: (*z).to_owned(),
+            },
+        ),
+        ("GET", ["projects", p, "zones", z, "operations"]) => (
+            "zoneOperations.list",
+            Route::OpList {
+                project: (*p).to_owned(),
+                zone: (*z).to_owned(),
+            },
+        ),
         ("POST", ["projects", p, "zones", z, "instances"]) => (
             "instances.insert",
             Route::Insert {
@@ -272,6 +294,15 @@ async fn handle_route(
             );
         }
     }
+    if let Some(v) = query_param(uri, "discardLocalSsd") {
+        if v != "true" && v != "false" {
+            return api_error(
+                400,
+                "invalid",
+                format!("Invalid value for field 'discardLocalSsd': '{v}'. Expected a boolean."),
+            );
+        }
+    }
     let request_id = query_param(uri, "requestId");
     if let Some(rid) = request_id {
         if !is_uuid(rid) {
@@ -284,6 +315,40 @@ async fn handle_route(
     }
     match route {
         Route::Insert { project, zone } => insert(world, project, zone, request_id, body),
+        Route::List { project, zone } => {
+            let st = world.lock();
+            let mut items: Vec<&super::state::Inst> = st
+                .instances
+                .values()
+                .filter(|i| i.key.0 == project && i.key.1 == zone)
+                .collect();
+            items.sort_by(|a, b| a.key.2.cmp(&b.key.2));
+            let items: Vec<Value> = items.iter().map(|i| i.to_json()).collect();
+            json_response(
+                StatusCode::OK,
+                list_json("compute#instanceList", &project, &zone, "instances", items),
+            )
+        }
+        Route::OpList { project, zone } => {
+            let st = world.lock();
+            let mut items: Vec<&super::state::Op> = st
+                .ops
+                .values()
+                .filter(|o| o.project == project && o.zone == zone)
+                .collect();
+            items.sort_by_key(|o| o.id);
+            let items: Vec<Value> = items.iter().map(|o| o.to_json()).collect();
+            json_response(
+                StatusCode::OK,
+                list_json(
+                    "compute#operationList",
+                    &project,
+                    &zone,
+                    "operations",
+                    items,
+                ),
+            )
+        }
         Route::Get(key) => {
             let st = world.lock();
             match st.instances.get(&key) {
@@ -307,6 +372,19 @@ async fn handle_route(
         }
         Route::OpWait { project, zone, op } => wait(world, project, zone, op).await,
     }
+}
+
+/// A list answer; `items` is left out when empty, as Compute Engine does.
+fn list_json(kind: &str, project: &str, zone: &str, what: &str, items: Vec<Value>) -> Value {
+    let mut v = json!({
+        "kind": kind,
+        "id": format!("projects/{project}/zones/{zone}/{what}"),
+        "selfLink": format!("{}projects/{project}/zones/{zone}/{what}", super::state::LINK_BASE),
+    });
+    if !items.is_empty() {
+        v["items"] = Value::Array(items);
+    }
+    v
 }
 
 async fn wait(world: &Arc<World>, project: String, zone: String, op: String) -> Response {

@@ -1,9 +1,9 @@
 //! A loopback Compute Engine and metadata server, for tests and demos (feature `emulator`).
 //!
 //! [`Emulator::start`] serves the Compute v1 subset vmproxy uses at `/compute/v1/` (instances
-//! insert, get, delete, start, stop, suspend, resume, setLabels; zoneOperations get and wait)
-//! and the metadata server's token and project-id endpoints at `/computeMetadata/v1/`, on one
-//! loopback port. It speaks the real wire format: operations, error bodies (`alreadyExists`,
+//! list, insert, get, delete, start, stop, suspend, resume, setLabels; zoneOperations list, get
+//! and wait) and the metadata server's token, service-account and project-id endpoints at
+//! `/computeMetadata/v1/`, on one loopback port. It speaks the real wire format: operations, error bodies (`alreadyExists`,
 //! `notFound`, `resourceNotReady`, `conditionNotMet`, `rateLimitExceeded`, `invalid`),
 //! fingerprints, `requestId` idempotency. Tokens are issued only with `Metadata-Flavor: Google`,
 //! and the Compute API accepts only tokens it issued.

@@ -228,6 +228,10 @@ impl Inst {
             "deletionProtection": false,
             "fingerprint": "Qk2UDWbkhdk=",
         });
+        if self.labels.is_empty() {
+            // No labels: Compute Engine leaves the map out (the fingerprint stays).
+            out.as_object_mut().map(|m| m.remove("labels"));
+        }
         if out["metadata"]["items"].is_null() {
             out["metadata"].as_object_mut().map(|m| m.remove("items"));
         }
