@@ -630,6 +630,16 @@ async fn metadata_server_answers_what_googles_clients_ask() {
         .await
         .unwrap();
     assert_eq!(res.text().await.unwrap(), "googleapis.com");
+    for dir in [
+        "/computeMetadata/v1/",
+        "/computeMetadata/v1/instance",
+        "/computeMetadata/v1/instance/",
+        "/computeMetadata/v1/project/",
+    ] {
+        let res = get(dir).await.unwrap();
+        assert_eq!(res.status(), 200, "{dir}");
+        assert_eq!(res.headers()["metadata-flavor"], "Google");
+    }
     let res = get("/computeMetadata/v1/instance/nothing-here")
         .await
         .unwrap();

@@ -62,6 +62,8 @@ pub(crate) fn handle(
             Some("") => "metadata.serviceAccount",
             Some(_) => "metadata.unknown",
             None => match r {
+                "instance" | "instance/" => "metadata.instance",
+                "project" | "project/" => "metadata.project",
                 "project/project-id" => "metadata.projectId",
                 "project/numeric-project-id" => "metadata.numericProjectId",
                 "universe/universe-domain" => "metadata.universeDomain",
@@ -123,6 +125,13 @@ fn respond(
     let recursive = query_has(uri, "recursive", "true");
     match name {
         "metadata.v1" => answer(StatusCode::OK, TEXT, "instance/\nproject/\n".to_owned()),
+        // Directories (Node's gcp-metadata probes `instance` to find the server).
+        "metadata.instance" => answer(StatusCode::OK, TEXT, "service-accounts/\n".to_owned()),
+        "metadata.project" => answer(
+            StatusCode::OK,
+            TEXT,
+            "numeric-project-id\nproject-id\n".to_owned(),
+        ),
         "metadata.serviceAccounts" if recursive => answer(
             StatusCode::OK,
             "application/json",
