@@ -285,3 +285,33 @@ async fn works_under_service_builder_with_any_body_and_inner_service() {
     assert_eq!(echo["headers"]["x-forwarded-for"][0], "192.0.2.1");
     assert_eq!(backend.starts(), 1);
 }
+
+#[tokio::test]
+async fn max_forwards_zero_is_answered_here_without_waking_the_machine() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let addr = front(route(backend.clone()).build().unwrap()).await;
+    let req = Request::options("/app/x")
+        .header("host", "h")
+        .header("max-forwards", "0")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        backend.starts(),
+        0,
+        "OPTIONS with Max-Forwards: 0 must not start the machine"
+    );
+
+    // Above zero: decremented and forwarded.
+    let req = Request::options("/app/x")
+        .header("host", "h")
+        .header("max-forwards", "5")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    let echo: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echo["method"], "OPTIONS");
+    assert_eq!(header(&echo, "max-forwards"), ["4"]);
+}

@@ -3,6 +3,7 @@
 //! a vanished machine retried once on its next start.
 
 mod headers;
+mod max_forwards;
 mod pool;
 
 use std::net::SocketAddr;
@@ -39,6 +40,11 @@ where
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
     let (mut parts, body) = req.into_parts();
+    if let Some(answer) = max_forwards::apply(&mut parts) {
+        let (mut head, body) = answer.into_parts();
+        headers::for_client(&mut head.headers, None);
+        return Response::from_parts(head, ProxiedBody::full(body));
+    }
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let arrival = headers::Arrival {
         client,
