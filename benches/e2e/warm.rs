@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use http::StatusCode;
@@ -79,6 +80,11 @@ pub async fn front_vmproxy(args: Args) -> Result<(), BoxError> {
         .layer(layer);
     let listener = listen(args.num("port", 0))?;
     write_addr_file(args.req("addr-file"), listener.local_addr()?)?;
+    // TCP_NODELAY on client connections, as nginx does by default: without it a streamed body
+    // meets Nagle + delayed ACK (40 ms stalls).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -95,6 +101,11 @@ pub async fn front_arp(args: Args) -> Result<(), BoxError> {
     let app = app.route("/", get(|| async { "front" }));
     let listener = listen(args.num("port", 0))?;
     write_addr_file(args.req("addr-file"), listener.local_addr()?)?;
+    // TCP_NODELAY on client connections, as nginx does by default: without it a streamed body
+    // meets Nagle + delayed ACK (40 ms stalls).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
