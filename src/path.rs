@@ -68,6 +68,13 @@ pub(crate) fn match_route(prefixes: &[String], strip_prefix: bool, uri: &Uri) ->
     if has_encoded_separator(raw) {
         return Match::Bad("encoded '/' or '\\' in the path");
     }
+    let unchanged = matches!(path, Cow::Borrowed(_)) && !(strip_prefix && prefix != "/");
+    if unchanged {
+        // The common case: forward the request's own path and query, shared, not copied.
+        if let Some(pq) = uri.path_and_query() {
+            return Match::Proxy(pq.clone());
+        }
+    }
     let forwarded: Cow<'_, str> = if strip_prefix && prefix != "/" {
         let rest = &path[prefix.len()..];
         if rest.is_empty() {

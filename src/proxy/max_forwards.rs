@@ -14,11 +14,11 @@ const NOT_REFLECTED: [header::HeaderName; 4] = [
 ];
 
 /// Applies `Max-Forwards` to a request; returns the answer when this hop is the last one.
-pub(crate) fn apply(parts: &mut http::request::Parts) -> Option<Response<Bytes>> {
-    if parts.method != Method::OPTIONS && parts.method != Method::TRACE {
+pub(crate) fn apply<B>(req: &mut http::Request<B>) -> Option<Response<Bytes>> {
+    if req.method() != Method::OPTIONS && req.method() != Method::TRACE {
         return None;
     }
-    let value = parts.headers.get(header::MAX_FORWARDS)?;
+    let value = req.headers().get(header::MAX_FORWARDS)?;
     let Some(n) = value
         .to_str()
         .ok()
@@ -27,16 +27,15 @@ pub(crate) fn apply(parts: &mut http::request::Parts) -> Option<Response<Bytes>>
         return None; // not a count: as if absent
     };
     if n > 0 {
-        parts
-            .headers
+        req.headers_mut()
             .insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
         return None;
     }
     let mut res = Response::new(Bytes::new());
     *res.status_mut() = StatusCode::OK;
-    if parts.method == Method::TRACE {
-        let mut echo = format!("TRACE {} {:?}\r\n", parts.uri, parts.version);
-        for (name, value) in &parts.headers {
+    if req.method() == Method::TRACE {
+        let mut echo = format!("TRACE {} {:?}\r\n", req.uri(), req.version());
+        for (name, value) in req.headers() {
             if !NOT_REFLECTED.contains(name) {
                 echo.push_str(name.as_str());
                 echo.push_str(": ");
@@ -58,7 +57,7 @@ pub(crate) fn apply(parts: &mut http::request::Parts) -> Option<Response<Bytes>>
 mod tests {
     use super::*;
 
-    fn parts(method: Method, mf: Option<&str>) -> http::request::Parts {
+    fn parts(method: Method, mf: Option<&str>) -> http::Request<()> {
         let mut b = http::Request::builder()
             .method(method)
             .uri("/app/x")
@@ -66,14 +65,14 @@ mod tests {
         if let Some(v) = mf {
             b = b.header("max-forwards", v);
         }
-        b.body(()).unwrap().into_parts().0
+        b.body(()).unwrap()
     }
 
     #[test]
     fn decrements_and_answers_at_zero() {
         let mut p = parts(Method::OPTIONS, Some("3"));
         assert!(apply(&mut p).is_none());
-        assert_eq!(p.headers["max-forwards"], "2");
+        assert_eq!(p.headers()["max-forwards"], "2");
 
         let mut p = parts(Method::OPTIONS, Some("0"));
         let res = apply(&mut p).expect("answered here");
@@ -94,7 +93,7 @@ mod tests {
     fn other_methods_and_bad_values_pass() {
         let mut p = parts(Method::GET, Some("0"));
         assert!(apply(&mut p).is_none());
-        assert_eq!(p.headers["max-forwards"], "0");
+        assert_eq!(p.headers()["max-forwards"], "0");
         let mut p = parts(Method::OPTIONS, Some("many"));
         assert!(apply(&mut p).is_none());
         let mut p = parts(Method::TRACE, None);

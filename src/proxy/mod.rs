@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 pub(crate) use pool::Pool;
-use pool::SendError;
+use pool::{SendError, UpstreamBody};
 
 use crate::body::ProxiedBody;
 use crate::lifecycle::Lease;
@@ -26,32 +26,87 @@ use crate::{BoxError, ClientAddr, Error};
 
 /// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
 /// response or a failure as a response.
-pub(crate) async fn forward<B>(
+// Not an `async fn`: rustc stores an async fn's arguments twice in its state (rust-lang/rust
+// #62958), and this state is what every request parked on a cold start holds.
+pub(crate) fn forward<B>(
     route: Route,
     mut req: Request<B>,
     target: PathAndQuery,
-) -> Response<ProxiedBody>
+) -> impl std::future::Future<Output = Response<ProxiedBody>> + Send
 where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (lifecycle, pool) = (&route.lifecycle, &route.pool);
+    async move {
+        let (lifecycle, pool) = (&route.lifecycle, &route.pool);
+        if let Some(answer) = max_forwards::apply(&mut req) {
+            let (mut head, body) = answer.into_parts();
+            headers::for_client(&mut head.headers, None);
+            return Response::from_parts(head, ProxiedBody::full(body));
+        }
+        // Park with the request as it arrived: rewriting it first would make every waiter of a cold
+        // start hold the rewritten copy's allocations too.
+        let mut lease = match lifecycle.acquire().await {
+            Ok(lease) => lease,
+            Err(e) => return error_response(&e),
+        };
+        let (mut upstream, upgrade) = for_backend(req, target, route.trust_forwarded);
+        let mut retried = false;
+        loop {
+            let ep = lease.endpoint();
+            // Boxed, and its result consumed before the next await: this future is what every
+            // request parked on a cold start holds, so it must not reserve room for either.
+            let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
+                Ok(res) => return respond(res, lease, upgrade),
+                Err(SendError::Failed(error)) => {
+                    return error_response(&Error::upstream(lifecycle.name(), error));
+                }
+                Err(SendError::Connect { error, request }) => {
+                    debug!(machine = lifecycle.name(), %ep, %error, "connect error");
+                    pool.clear();
+                    lifecycle.unreachable(ep);
+                    if retried {
+                        return error_response(&Error::upstream(lifecycle.name(), error));
+                    }
+                    request
+                }
+            };
+            drop(lease);
+            // Nothing of it was sent: wait for the status check (and a new start, if the machine
+            // is gone) and try once more.
+            retried = true;
+            upstream = *unsent;
+            lease = match lifecycle.acquire().await {
+                Ok(lease) => lease,
+                Err(e) => return error_response(&e),
+            };
+        }
+    }
+}
+
+/// The request as the machine gets it, and the client's side of an upgrade it asks for.
+fn for_backend<B>(
+    mut req: Request<B>,
+    target: PathAndQuery,
+    trust_forwarded: bool,
+) -> (
+    Request<UpstreamBody>,
+    Option<(http::HeaderValue, OnUpgrade)>,
+)
+where
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let upgrade = headers::wants_upgrade(req.headers())
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
     let (mut parts, body) = req.into_parts();
-    if let Some(answer) = max_forwards::apply(&mut parts) {
-        let (mut head, body) = answer.into_parts();
-        headers::for_client(&mut head.headers, None);
-        return Response::from_parts(head, ProxiedBody::full(body));
-    }
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let arrival = headers::Arrival {
         client,
         https: parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS),
         version: parts.version,
-        authority: authority.as_deref(),
-        trust_forwarded: route.trust_forwarded,
+        authority: parts.uri.authority().map(|a| a.as_str()),
+        trust_forwarded,
     };
     headers::for_backend(
         &mut parts.headers,
@@ -60,35 +115,8 @@ where
     );
     parts.uri = target.into();
     parts.version = Version::HTTP_11;
-    let mut upstream = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-
-    let mut retried = false;
-    loop {
-        let lease = match lifecycle.acquire().await {
-            Ok(lease) => lease,
-            Err(e) => return error_response(&e),
-        };
-        let ep = lease.endpoint();
-        match pool.send(ep.addr(), upstream).await {
-            Ok(res) => return respond(res, lease, upgrade),
-            Err(SendError::Connect { error, request }) => {
-                debug!(machine = lifecycle.name(), %ep, %error, "connect error");
-                pool.clear();
-                lifecycle.unreachable(ep);
-                drop(lease);
-                if retried {
-                    return error_response(&Error::upstream(lifecycle.name(), error));
-                }
-                // Nothing of it was sent: wait for the status check (and a new start, if the
-                // machine is gone) and try once more.
-                retried = true;
-                upstream = *request;
-            }
-            Err(SendError::Failed(error)) => {
-                return error_response(&Error::upstream(lifecycle.name(), error));
-            }
-        }
-    }
+    let upstream = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    (upstream, upgrade)
 }
 
 fn respond(

@@ -76,7 +76,9 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.take(addr) {
                 Some(conn) => (conn, true),
-                None => match self.connect(addr).await {
+                // Boxed: the connect and handshake futures are large, and every request's
+                // future would otherwise reserve room for them while it waits for the machine.
+                None => match Box::pin(self.connect(addr)).await {
                     Ok(conn) => (conn, false),
                     Err(error) => {
                         return Err(SendError::Connect {
