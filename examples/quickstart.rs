@@ -61,10 +61,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let shown = listener.local_addr()?;
+    // Small responses must not wait for Nagle's algorithm and delayed ACKs.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tracing::info!(
         "listening on http://{}  (try: curl http://{}/app/)",
-        listener.local_addr()?,
-        listener.local_addr()?
+        shown,
+        shown
     );
     axum::serve(
         listener,

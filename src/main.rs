@@ -110,6 +110,10 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(config.listen, |a| a);
+    // Small responses must not wait for Nagle's algorithm and delayed ACKs (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let handles: Vec<_> = layer.routes().iter().map(|r| r.handle()).collect();
     for r in layer.routes() {
         info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
