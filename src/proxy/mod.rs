@@ -28,6 +28,7 @@ use crate::{BoxError, ClientAddr, Error};
 /// response or a failure as a response.
 // Not an `async fn`: rustc stores an async fn's arguments twice in its state (rust-lang/rust
 // #62958), and this state is what every request parked on a cold start holds.
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn forward<B>(
     route: Route,
     mut req: Request<B>,
