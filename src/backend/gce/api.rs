@@ -334,23 +334,17 @@ impl Api {
             }
             None => {}
         }
-        let res = req.send().await.map_err(|e| {
+        let transport = |e: reqwest::Error| {
             GceError::new(
                 GceErrorKind::Unavailable,
                 call,
                 "transport",
                 format!("{url}: {}", error_chain(&e)),
             )
-        })?;
+        };
+        let res = req.send().await.map_err(transport)?;
         let status = res.status();
-        let bytes = res.bytes().await.map_err(|e| {
-            GceError::new(
-                GceErrorKind::Unavailable,
-                call,
-                "transport",
-                format!("{url}: {}", error_chain(&e)),
-            )
-        })?;
+        let bytes = res.bytes().await.map_err(transport)?;
         if !status.is_success() {
             return Err(GceError::from_http(call, status.as_u16(), &bytes));
         }
