@@ -147,6 +147,14 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         }
     }
     for handle in handles {
+        if handle.in_use_elsewhere().await {
+            // Another replica served through it after us: stopping it would cut them off.
+            info!(
+                machine = handle.name(),
+                "in use by another replica; leaving it running"
+            );
+            continue;
+        }
         info!(machine = handle.name(), "stopping");
         // Upgraded connections (WebSockets) may outlive the server: give them what is left of
         // the grace period, then stop regardless.

@@ -81,3 +81,29 @@ async fn two_replicas_share_one_vm_and_stop_it_only_when_both_are_idle() {
     state_becomes(&b, "absent", |s| *s == State::Absent).await;
     assert!(emu.count("instances.delete") >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_shuts_down_can_tell_whether_others_use_the_vm() {
+    let emu = emulator().await;
+    let idle = Some(Duration::from_secs(60));
+    let a = route_with(backend(&emu, "shared-exit").build().unwrap(), idle);
+    let b = route_with(backend(&emu, "shared-exit").build().unwrap(), idle);
+    let (app_a, app_b) = (app(a.clone()), app(b.clone()));
+
+    assert_eq!(call(&app_a, "/vm/a").await.0, StatusCode::OK);
+    assert!(
+        !a.handle().in_use_elsewhere().await,
+        "only A has used the VM: A may stop it on shutdown"
+    );
+    // The label has one-second resolution: let B's write land in a later second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(call(&app_b, "/vm/b").await.0, StatusCode::OK);
+    assert!(
+        a.handle().in_use_elsewhere().await,
+        "B served after A: A must leave the VM running when it shuts down"
+    );
+    assert!(
+        !b.handle().in_use_elsewhere().await,
+        "B wrote last: nobody else is known to use it"
+    );
+}

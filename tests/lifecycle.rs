@@ -324,3 +324,19 @@ async fn a_long_response_is_reported_as_activity_for_other_replicas() {
         "only {during} activity reports while one response streamed for 1.2 s"
     );
 }
+
+#[tokio::test]
+async fn a_failed_start_leaves_a_machine_that_another_replica_uses() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    backend.knobs.fail_starts.store(1, Ordering::SeqCst);
+    backend.knobs.shared.store(true, Ordering::SeqCst);
+    let route = route(backend.clone()).build().unwrap();
+    let addr = front(route).await;
+    let (status, _, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        backend.stops(),
+        0,
+        "another replica serves through it: no cleanup stop"
+    );
+}

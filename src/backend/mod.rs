@@ -139,6 +139,12 @@ pub trait Backend: Send + Sync + 'static {
         let _ = idle_timeout;
         Box::pin(async { Ok(true) })
     }
+
+    /// Whether another proxy replica recorded activity on the machine after this one last did.
+    /// A proxy that shuts down leaves such a machine running for the others. The default: no.
+    fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
+        Box::pin(async { Ok(false) })
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -162,5 +168,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn idle_everywhere(&self, idle_timeout: Duration) -> BackendFuture<'_, bool> {
         (**self).idle_everywhere(idle_timeout)
+    }
+    fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
+        (**self).in_use_elsewhere()
     }
 }

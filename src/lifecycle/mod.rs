@@ -297,10 +297,16 @@ impl Lifecycle {
                     self.act(action);
                 }
                 Err(error) => {
-                    warn!(machine = %self.name, %error, "start failed; stopping whatever was started");
-                    // Stop before reporting, so a retry after the back-off cannot race this cleanup.
-                    if let Err(e) = self.backend.stop().await {
-                        warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
+                    // Stop before reporting, so a retry after the back-off cannot race this
+                    // cleanup; but not a machine another replica serves through (the failure may
+                    // be this replica's own, e.g. its route to the machine).
+                    if matches!(self.backend.in_use_elsewhere().await, Ok(true)) {
+                        warn!(machine = %self.name, %error, "start failed here, but another replica uses the machine; leaving it running");
+                    } else {
+                        warn!(machine = %self.name, %error, "start failed; stopping whatever was started");
+                        if let Err(e) = self.backend.stop().await {
+                            warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
+                        }
                     }
                     self.decide("start failed", |m, now| {
                         m.start_failed(Arc::new(error), now)
@@ -540,6 +546,22 @@ impl Handle {
     /// is not running).
     pub async fn stop(&self) {
         self.stop_with(Machine::begin_stop).await;
+    }
+
+    /// Whether another proxy replica served through the machine after this one last did
+    /// (see [`Backend::in_use_elsewhere`]); `false` when the backend cannot tell. A proxy that
+    /// shuts down asks this before stopping a machine it shares.
+    pub async fn in_use_elsewhere(&self) -> bool {
+        if self.state() == State::Absent {
+            return false;
+        }
+        match self.lifecycle.backend.in_use_elsewhere().await {
+            Ok(shared) => shared,
+            Err(e) => {
+                warn!(machine = self.name(), error = %e, "could not tell whether other replicas use the machine");
+                false
+            }
+        }
     }
 
     /// Takes the machine down now, without waiting for requests in flight (they fail). For

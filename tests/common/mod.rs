@@ -38,6 +38,8 @@ pub struct Knobs {
     pub stop_delay: Duration,
     /// `record_activity` calls received.
     pub activity_reports: AtomicUsize,
+    /// What `in_use_elsewhere` answers.
+    pub shared: AtomicBool,
 }
 
 type Server = (SocketAddr, JoinHandle<()>);
@@ -119,6 +121,11 @@ impl Backend for FakeBackend {
             self.vanish();
             Ok(())
         })
+    }
+
+    fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
+        let shared = self.knobs.shared.load(Ordering::SeqCst);
+        Box::pin(async move { Ok(shared) })
     }
 
     fn record_activity(&self) -> BackendFuture<'_, ()> {

@@ -62,6 +62,7 @@ mod spec;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -114,6 +115,8 @@ pub struct GceBackend {
     stop_policy: StopPolicy,
     status_interval: Option<Duration>,
     max_stop_wait: Duration,
+    /// The `vmproxy-active` value this replica last wrote (unix seconds; 0: none).
+    last_written: AtomicU64,
 }
 
 /// Builds a [`GceBackend`]; every setting but the zone and instance name has a default.
@@ -410,6 +413,7 @@ impl GceBackendBuilder {
             stop_policy: self.stop_policy,
             status_interval: self.status_interval,
             max_stop_wait: Duration::from_secs(600),
+            last_written: AtomicU64::new(0),
         })
     }
 }
@@ -502,7 +506,9 @@ impl GceBackend {
             let Some(inst) = self.api.get().await? else {
                 info!(instance = %self.spec.name, zone = %self.spec.zone, "creating the instance");
                 let mut body = self.insert_body.clone();
-                body["labels"][ACTIVE_LABEL] = Value::String(format!("{}", unix_now() as u64));
+                let now = unix_now() as u64;
+                body["labels"][ACTIVE_LABEL] = Value::String(now.to_string());
+                self.last_written.store(now, Ordering::SeqCst);
                 let outcome = match self.api.insert(&body).await {
                     Ok(op) => self.api.wait("instances.insert", op).await.map(drop),
                     Err(e) => Err(e),
@@ -610,14 +616,18 @@ impl GceBackend {
                 },
             };
             let mut labels: BTreeMap<String, String> = inst.labels;
-            labels.insert(ACTIVE_LABEL.to_owned(), format!("{}", unix_now() as u64));
+            let now = unix_now() as u64;
+            labels.insert(ACTIVE_LABEL.to_owned(), now.to_string());
             let fingerprint = inst.label_fingerprint.unwrap_or_default();
             let result = match self.api.set_labels(&labels, &fingerprint).await {
                 Ok(op) => self.api.wait("instances.setLabels", op).await.map(drop),
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.last_written.store(now, Ordering::SeqCst);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == GceErrorKind::NotFound => return Ok(()),
                 Err(e) if e.kind() == GceErrorKind::ConditionNotMet => {
                     debug!(instance = %self.spec.name, "labels changed under us; reading them again");
@@ -627,6 +637,15 @@ impl GceBackend {
             }
         }
         Err(last.expect("the loop ran"))
+    }
+
+    /// The `vmproxy-active` label's value, if the instance exists and has one.
+    async fn active_label(&self) -> Result<Option<u64>, GceError> {
+        Ok(self
+            .api
+            .get()
+            .await?
+            .and_then(|inst| inst.labels.get(ACTIVE_LABEL).and_then(|v| v.parse().ok())))
     }
 
     async fn idle_check(&self, idle_timeout: Duration) -> Result<bool, GceError> {
@@ -673,5 +692,13 @@ impl Backend for GceBackend {
 
     fn idle_everywhere(&self, idle_timeout: Duration) -> BackendFuture<'_, bool> {
         Box::pin(async move { Ok(self.idle_check(idle_timeout).await?) })
+    }
+
+    fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
+        Box::pin(async move {
+            let ours = self.last_written.load(Ordering::SeqCst);
+            // Written after our last write: another replica served since.
+            Ok(self.active_label().await?.is_some_and(|at| at > ours))
+        })
     }
 }
