@@ -42,8 +42,15 @@ struct Conn {
     idle_since: Instant,
 }
 
+/// How many connections to one machine may be in the middle of being opened.
+const MAX_DIALING: usize = 8;
+
 pub(crate) struct Pool {
     idle: Mutex<Vec<Conn>>,
+    /// Connections being dialled at once. When thousands of requests parked on a cold start are
+    /// released together, most of them find a pooled connection free by the time a dial slot
+    /// is, instead of each opening its own.
+    dialing: tokio::sync::Semaphore,
     idle_timeout: Duration,
     connect_timeout: Duration,
     max_idle: usize,
@@ -61,6 +68,7 @@ impl Pool {
     pub(crate) fn new(idle_timeout: Duration, connect_timeout: Duration) -> Self {
         Pool {
             idle: Mutex::new(Vec::new()),
+            dialing: tokio::sync::Semaphore::new(MAX_DIALING),
             idle_timeout,
             connect_timeout,
             max_idle: 1024,
@@ -76,10 +84,8 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.take(addr) {
                 Some(conn) => (conn, true),
-                // Boxed: the connect and handshake futures are large, and every request's
-                // future would otherwise reserve room for them while it waits for the machine.
-                None => match Box::pin(self.connect(addr)).await {
-                    Ok(conn) => (conn, false),
+                None => match self.take_or_dial(addr).await {
+                    Ok(found) => found,
                     Err(error) => {
                         return Err(SendError::Connect {
                             error,
@@ -106,6 +112,21 @@ impl Pool {
                 },
             }
         }
+    }
+
+    /// Waits for a dial slot, then takes a connection that became free meanwhile or opens one.
+    async fn take_or_dial(&self, addr: SocketAddr) -> io::Result<(Conn, bool)> {
+        let _slot = self
+            .dialing
+            .acquire()
+            .await
+            .map_err(|_| io::Error::other("connection pool closed"))?;
+        if let Some(conn) = self.take(addr) {
+            return Ok((conn, true));
+        }
+        // Boxed: the connect and handshake futures are large, and would otherwise sit in the
+        // state of every request that waits for the machine.
+        Ok((Box::pin(self.connect(addr)).await?, false))
     }
 
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
