@@ -155,7 +155,9 @@ async fn local(a: &mut Args) -> Result<(), BoxError> {
         serve(app, a.listen).await?;
     } else {
         let started = std::time::Instant::now();
-        let req = http::Request::get("/vm/hello").body(axum::body::Body::empty())?;
+        let req = http::Request::get("/vm/hello")
+            .header("host", "example.test")
+            .body(axum::body::Body::empty())?;
         let res = app.oneshot(req).await?;
         let status = res.status();
         let body = res.into_body().collect().await?.to_bytes();

@@ -48,6 +48,20 @@ pub struct Config {
     /// How long in-flight requests may run after SIGTERM or Ctrl-C (default 30 s).
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// How long a client has to send a complete request head (default 30 s).
+    #[serde(default = "default_header_read_timeout", deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight stays open (default 60 s).
+    #[serde(default = "default_keepalive_timeout", deserialize_with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// How long a request body may send nothing before the request is aborted (default 60 s).
+    #[serde(
+        default = "default_request_body_timeout",
+        deserialize_with = "duration"
+    )]
+    pub request_body_timeout: Duration,
+    /// Connections served at once; more wait in the backlog (default: from the open-file limit).
+    pub max_connections: Option<usize>,
     /// The routes, matched in order.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -83,6 +97,11 @@ pub struct RouteConfig {
     /// Keep X-Forwarded-Proto/-Host from a trusted front (default false).
     #[serde(default)]
     pub trust_forwarded_headers: bool,
+    /// Protocols a client may switch to with `Upgrade` (default `["websocket"]`).
+    pub upgrades: Option<Vec<String>>,
+    /// How long the machine may take to start its response once it has the request (default: no limit).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub response_header_timeout: Option<Duration>,
     /// A local command as the machine.
     pub process: Option<ProcessConfig>,
     /// A Compute Engine VM as the machine.
@@ -165,8 +184,98 @@ impl Config {
             // toml's message carries the line and a caret under the bad value.
             ConfigFileError::new(key, e.into_inner().to_string().trim_end().to_owned())
         })?;
+        config.check()?;
         config.layer()?;
         Ok(config)
+    }
+
+    /// What the file cannot mean: no route, or a route that an earlier one hides.
+    fn check(&self) -> Result<(), ConfigFileError> {
+        if self.routes.is_empty() {
+            return Err(ConfigFileError::new(
+                "route",
+                "no [[route]]: every request would get 404; add one (see the README)",
+            ));
+        }
+        for (t, timeout) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("request_body_timeout", self.request_body_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigFileError::new(t, "must be more than zero"));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigFileError::new(
+                "max_connections",
+                "must be at least 1",
+            ));
+        }
+        let mut seen: Vec<(usize, &str, String)> = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            for (j, p) in std::iter::once(&r.path).chain(&r.also).enumerate() {
+                let key = if j == 0 {
+                    format!("route[{i}].path")
+                } else {
+                    format!("route[{i}].also[{}]", j - 1)
+                };
+                let Ok(canonical) = crate::path::canonical_prefix(p) else {
+                    continue; // reported with its reason when the route is built
+                };
+                if let Some((k, earlier, _)) = seen
+                    .iter()
+                    .find(|(k, _, c)| *k != i && crate::path::under(c, &canonical))
+                {
+                    return Err(ConfigFileError::new(
+                        key,
+                        format!("{p:?} can never be reached: route[{k}] ({earlier:?}) comes first and takes every path under it"),
+                    ));
+                }
+                seen.push((i, p, canonical));
+            }
+            if let Some(dir) = r.process.as_ref().and_then(|p| p.cwd.as_ref()) {
+                if !dir.is_dir() {
+                    return Err(ConfigFileError::new(
+                        format!("route[{i}].process.cwd"),
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What may be a mistake but is not an error: a process command that does not seem to use
+    /// its port, for example.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(p) = &r.process {
+                let uses_port = p
+                    .command
+                    .iter()
+                    .any(|a| a.contains("{port}") || a.contains("$PORT") || a.contains("${PORT}"));
+                if !uses_port {
+                    out.push(format!(
+                        "route[{i}].process.command: neither {{port}} nor $PORT appears in it; the command must listen on 127.0.0.1 at the port given in $PORT, or the machine never becomes ready"
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The server with the file's connection limits.
+    pub fn server(&self) -> crate::server::Server {
+        let server = crate::server::Server::new()
+            .header_read_timeout(self.header_read_timeout)
+            .keepalive_timeout(self.keepalive_timeout)
+            .request_body_timeout(self.request_body_timeout);
+        match self.max_connections {
+            Some(max) => server.max_connections(max),
+            None => server,
+        }
     }
 
     /// Builds the layer that serves the file's routes.
@@ -212,6 +321,10 @@ impl RouteConfig {
         if let Some(n) = self.max_pending {
             builder = builder.max_pending(n);
         }
+        if let Some(up) = &self.upgrades {
+            builder = builder.upgrades(up.iter().cloned());
+        }
+        builder = builder.response_header_timeout(self.response_header_timeout);
         builder.build().map_err(|e| {
             let key = match e.field() {
                 "prefix" => "path",
@@ -263,6 +376,18 @@ impl RouteConfig {
 
 fn default_grace() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_header_read_timeout() -> Duration {
+    crate::server::HEADER_READ_TIMEOUT
+}
+
+fn default_keepalive_timeout() -> Duration {
+    crate::server::KEEPALIVE_TIMEOUT
+}
+
+fn default_request_body_timeout() -> Duration {
+    crate::server::REQUEST_BODY_TIMEOUT
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

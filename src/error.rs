@@ -23,6 +23,9 @@ use http::{header, HeaderValue, StatusCode};
 
 use crate::BoxError;
 
+/// Every method a route forwards; CONNECT is answered 405 instead.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
 /// A failure to serve a proxied request, carried to the client as a response.
 #[derive(Clone, Debug)]
 pub struct Error {
@@ -45,8 +48,20 @@ enum Kind {
     Upstream {
         source: Arc<BoxError>,
     },
-    BadPath {
-        reason: &'static str,
+    BadRequest {
+        reason: std::borrow::Cow<'static, str>,
+    },
+    BadRequestBody {
+        reason: String,
+    },
+    RequestBodyTimeout {
+        reason: String,
+    },
+    MethodNotAllowed {
+        method: http::Method,
+    },
+    ResponseHeaderTimeout {
+        after: Duration,
     },
 }
 
@@ -89,9 +104,41 @@ impl Error {
         }
     }
 
-    pub(crate) fn bad_path(machine: &str, reason: &'static str) -> Self {
+    pub(crate) fn bad_request(
+        machine: &str,
+        reason: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
         Error {
-            kind: Kind::BadPath { reason },
+            kind: Kind::BadRequest {
+                reason: reason.into(),
+            },
+            machine: machine.into(),
+        }
+    }
+
+    /// The client's request body failed: malformed (400) or too slow (408).
+    pub(crate) fn bad_request_body(machine: &str, reason: String, timed_out: bool) -> Self {
+        let kind = if timed_out {
+            Kind::RequestBodyTimeout { reason }
+        } else {
+            Kind::BadRequestBody { reason }
+        };
+        Error {
+            kind,
+            machine: machine.into(),
+        }
+    }
+
+    pub(crate) fn method_not_allowed(machine: &str, method: http::Method) -> Self {
+        Error {
+            kind: Kind::MethodNotAllowed { method },
+            machine: machine.into(),
+        }
+    }
+
+    pub(crate) fn response_header_timeout(machine: &str, after: Duration) -> Self {
+        Error {
+            kind: Kind::ResponseHeaderTimeout { after },
             machine: machine.into(),
         }
     }
@@ -100,9 +147,13 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self.kind {
             Kind::Overloaded { .. } | Kind::StartFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Kind::ColdStartTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Kind::ColdStartTimeout { .. } | Kind::ResponseHeaderTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Kind::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Kind::BadPath { .. } => StatusCode::BAD_REQUEST,
+            Kind::BadRequest { .. } | Kind::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            Kind::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Kind::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -140,6 +191,17 @@ impl Error {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        match self.kind {
+            // RFC 9110 §15.5.6: a 405 lists what is allowed.
+            Kind::MethodNotAllowed { .. } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            // The connection's state is unknown after a request the proxy could not read.
+            Kind::BadRequestBody { .. } | Kind::RequestBodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
         res
     }
 }
@@ -159,7 +221,20 @@ impl fmt::Display for Error {
                 humantime::format_duration(*waited)
             ),
             Kind::Upstream { source } => write!(f, "machine {m} could not be reached: {source}"),
-            Kind::BadPath { reason } => write!(f, "bad request path for machine {m}: {reason}"),
+            Kind::BadRequest { reason } => write!(f, "bad request for machine {m}: {reason}"),
+            Kind::BadRequestBody { reason } => write!(f, "bad request for machine {m}: {reason}"),
+            Kind::RequestBodyTimeout { reason } => {
+                write!(f, "request to machine {m} timed out: {reason}")
+            }
+            Kind::MethodNotAllowed { method } => write!(
+                f,
+                "{method} is not proxied to machine {m}: it would open a tunnel past the proxy"
+            ),
+            Kind::ResponseHeaderTimeout { after } => write!(
+                f,
+                "machine {m} took the request but sent no response head within {}",
+                humantime::format_duration(*after)
+            ),
         }
     }
 }

@@ -41,6 +41,7 @@ mod path;
 mod probe;
 mod proxy;
 pub mod route;
+pub mod server;
 mod service;
 
 #[cfg(feature = "emulator")]
@@ -67,3 +68,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// Marks a request that arrived over TLS. Whoever terminates TLS inserts it as a request
+/// extension. `X-Forwarded-Proto` and `Forwarded: proto=` say `https` only then, never because
+/// of the request's own scheme (an absolute-form target or HTTP/2's `:scheme`), which the client
+/// writes; with `trust_forwarded_headers`, a trusted front's `X-Forwarded-Proto` is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tls;

@@ -1,14 +1,15 @@
 //! `vmproxy --config FILE.toml`: serves the file's routes, each to an on-demand machine.
 //! `vmproxy emulate --listen ADDR` (feature `emulator`): a loopback Compute Engine.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use axum::http::{StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tracing::{error, info, warn};
 use vmproxy::config::Config;
+use vmproxy::State;
 
 const USAGE: &str = "\
 usage: vmproxy --config FILE.toml [--check]
@@ -78,6 +79,9 @@ async fn run(args: Vec<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for w in config.warnings() {
+        warn!("{}: {w}", path.display());
+    }
     if check {
         println!("{}: ok ({} routes)", path.display(), config.routes.len());
         return ExitCode::SUCCESS;
@@ -110,10 +114,6 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(config.listen, |a| a);
-    // Small responses must not wait for Nagle's algorithm and delayed ACKs (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let handles: Vec<_> = layer.routes().iter().map(|r| r.handle()).collect();
     for r in layer.routes() {
         info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
@@ -121,16 +121,10 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     let app = Router::new().fallback(not_found).layer(layer);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        })
-        .await
+    let server = config.server().serve(listener, app, async {
+        let _ = stop_rx.await;
     });
+    let mut server = tokio::spawn(server);
     info!(%addr, "listening");
 
     shutdown_signal().await;
@@ -146,6 +140,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             server.abort();
         }
     }
+    let mut left_running = 0;
     for handle in handles {
         if handle.in_use_elsewhere().await {
             // Another replica served through it after us: stopping it would cut them off.
@@ -168,16 +163,56 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             );
             handle.stop_now().await;
         }
+        // A failed stop leaves the machine running (and, for a VM, billing): say so loudly.
+        if let State::Running(ep) = handle.state() {
+            error!(
+                machine = handle.name(),
+                endpoint = %ep,
+                "could not stop the machine; it is LEFT RUNNING: stop it by hand"
+            );
+            left_running += 1;
+        }
+    }
+    if left_running > 0 {
+        error!(
+            machines = left_running,
+            "exiting with machines left running"
+        );
+        return ExitCode::FAILURE;
     }
     info!("bye");
     ExitCode::SUCCESS
 }
 
-async fn not_found(uri: Uri) -> (StatusCode, String) {
+/// Requests no route takes. They reach nothing, but bad ones still get the status that says
+/// why: a CONNECT is no tunnel here (405), and a request without exactly one Host is malformed
+/// (400, RFC 9112 §3.2).
+async fn not_found(method: Method, version: Version, headers: HeaderMap, uri: Uri) -> Response {
+    if method == Method::CONNECT {
+        let mut res = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served here: this is no forward proxy\n",
+        )
+            .into_response();
+        res.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+        );
+        return res;
+    }
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a request needs exactly one Host field (RFC 9112 §3.2)\n",
+        )
+            .into_response();
+    }
     (
         StatusCode::NOT_FOUND,
         format!("no route for {}\n", uri.path()),
     )
+        .into_response()
 }
 
 async fn shutdown_signal() {

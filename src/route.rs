@@ -44,6 +44,8 @@ pub struct Route {
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) trust_forwarded: bool,
+    /// Protocols a client may switch to (`Upgrade`), lower-case.
+    pub(crate) upgrades: Arc<[Box<str>]>,
 }
 
 impl Route {
@@ -117,7 +119,9 @@ pub struct RouteBuilder {
     probe_attempt_timeout: Duration,
     pool_idle_timeout: Duration,
     connect_timeout: Duration,
+    response_header_timeout: Option<Duration>,
     trust_forwarded: bool,
+    upgrades: Vec<String>,
 }
 
 impl fmt::Debug for RouteBuilder {
@@ -148,7 +152,9 @@ impl RouteBuilder {
             probe_attempt_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            response_header_timeout: None,
             trust_forwarded: false,
+            upgrades: vec!["websocket".to_owned()],
         }
     }
 
@@ -232,6 +238,27 @@ impl RouteBuilder {
         self
     }
 
+    /// How long the machine may take, once a request is sent whole, to send the response's head;
+    /// past it the request is answered 504 and the connection closed (default: no limit, for
+    /// machines that think long before answering).
+    pub fn response_header_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.response_header_timeout = timeout;
+        self
+    }
+
+    /// The protocols a client may switch to with `Upgrade` (default: `["websocket"]`). A
+    /// request asking for another is forwarded as a plain request, its `Upgrade` removed
+    /// (RFC 9110 §7.8). `h2c` is refused here: an upgraded HTTP/2 connection would carry
+    /// requests that no route ever checked.
+    pub fn upgrades<I, S>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.upgrades = protocols.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Keep the `X-Forwarded-Proto` and `X-Forwarded-Host` a request arrives with, instead of
     /// setting them from what this proxy saw. Turn it on when the proxy runs behind a front that
     /// sets them and that clients cannot bypass (Cloud Run, App Engine, a load balancer that
@@ -288,6 +315,31 @@ impl RouteBuilder {
                 "the cap is below the first pause",
             ));
         }
+        if self.response_header_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new(
+                "response_header_timeout",
+                "must be more than zero (or none)",
+            ));
+        }
+        let mut upgrades: Vec<Box<str>> = Vec::with_capacity(self.upgrades.len());
+        for p in &self.upgrades {
+            let token = !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                return Err(ConfigError::new(
+                    "upgrades",
+                    format!("{p:?} is not a protocol name such as \"websocket\""),
+                ));
+            }
+            if p.eq_ignore_ascii_case("h2c") {
+                return Err(ConfigError::new(
+                    "upgrades",
+                    "\"h2c\" is never upgraded: the HTTP/2 connection would be a tunnel past every route check",
+                ));
+            }
+            upgrades.push(p.to_ascii_lowercase().into());
+        }
         let idle_timeout = self.idle_timeout.filter(|d| !d.is_zero());
         let name: Arc<str> = self
             .name
@@ -317,8 +369,13 @@ impl RouteBuilder {
             prefixes: prefixes.into(),
             strip_prefix: self.strip_prefix,
             lifecycle,
-            pool: Arc::new(Pool::new(self.pool_idle_timeout, self.connect_timeout)),
+            pool: Arc::new(Pool::new(
+                self.pool_idle_timeout,
+                self.connect_timeout,
+                self.response_header_timeout,
+            )),
             trust_forwarded: self.trust_forwarded,
+            upgrades: upgrades.into(),
         })
     }
 }

@@ -70,11 +70,14 @@ where
             match path::match_route(&route.prefixes, route.strip_prefix, req.uri()) {
                 Match::No => continue,
                 Match::Proxy(target) => {
+                    if let Err(e) = proxy::admissible(route, &req) {
+                        return ResponseFuture::ready(proxy::error_response(&e));
+                    }
                     let fut = proxy::forward(route.clone(), req, target);
                     return ResponseFuture::proxied(Box::pin(fut));
                 }
                 Match::Bad(reason) => {
-                    let e = Error::bad_path(route.lifecycle.name(), reason);
+                    let e = Error::bad_request(route.lifecycle.name(), reason);
                     return ResponseFuture::ready(proxy::error_response(&e));
                 }
             }

@@ -193,6 +193,7 @@ async fn a_long_streaming_response_keeps_the_machine_alive() {
 
     // 12 chunks, 100 ms apart: 1.2 s of streaming, six idle timeouts long.
     let req = http::Request::get("/app/stream?chunks=12&every_ms=100")
+        .header("host", "front.test")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
     let res = send(addr, req).await.unwrap();
@@ -313,6 +314,7 @@ async fn a_long_response_is_reported_as_activity_for_other_replicas() {
     let addr = front(route).await;
     // One request, streaming for 1.2 s: three idle timeouts with no new request.
     let req = http::Request::get("/app/stream?chunks=12&every_ms=100")
+        .header("host", "front.test")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
     let res = send(addr, req).await.unwrap();

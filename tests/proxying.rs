@@ -265,6 +265,7 @@ async fn works_under_service_builder_with_any_body_and_inner_service() {
     );
 
     let mut req = Request::post("/app/sink")
+        .header("host", "h")
         .body(Full::new(Bytes::from_static(b"12345")))
         .unwrap();
     req.extensions_mut()

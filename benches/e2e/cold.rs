@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use http::Request;
+use http::{header, Request};
 use http_body_util::Empty;
 use serde_json::json;
 use tower::{Service, ServiceExt};
@@ -131,7 +131,9 @@ async fn h2_get(
 ) -> Result<(http::StatusCode, u64, u64, Bytes), BoxError> {
     use http_body_util::BodyExt;
     tx.ready().await?;
-    let req = Request::get(format!("http://{addr}/app/small")).body(Empty::<Bytes>::new())?;
+    let req = Request::get(format!("http://{addr}/app/small"))
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
     let res = tx.send_request(req).await?;
     let head_at = now_ns();
     let status = res.status();
@@ -362,7 +364,9 @@ pub async fn parked_mem(args: Args) -> Result<(), BoxError> {
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
             let mut svc = svc.clone();
-            let req = Request::get(format!("/app/x?{i}")).body(Empty::<Bytes>::new())?;
+            let req = Request::get(format!("/app/x?{i}"))
+                .header(header::HOST, "bench")
+                .body(Empty::<Bytes>::new())?;
             tasks.push(tokio::spawn(async move {
                 let svc = svc.ready().await.expect("infallible");
                 let _ = svc.call(req).await;

@@ -55,6 +55,7 @@ pub async fn controlplane(args: Args) -> Result<(), BoxError> {
                 let app = app.clone();
                 tokio::spawn(async move {
                     let req = Request::get(format!("/vm/x{i}"))
+                        .header("host", "bench")
                         .body(Body::empty())
                         .expect("request");
                     app.oneshot(req).await.map(|r| r.status().as_u16())

@@ -1,5 +1,5 @@
-//! Header rewriting at the proxy hop (RFC 9110 §7.6): hop-by-hop fields out, `Via` and
-//! `X-Forwarded-*` in.
+//! Header rewriting at the proxy hop (RFC 9110 §7.6): hop-by-hop fields out; `Via`,
+//! `Forwarded` (RFC 7239) and `X-Forwarded-*` in; `Upgrade` kept only for allowed protocols.
 
 use std::net::SocketAddr;
 
@@ -8,8 +8,10 @@ use http::Version;
 
 /// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
 /// `Proxy-*` credentials that are meant for this hop).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
+    // Only meaningful with an h2c upgrade (RFC 7540 §3.2.1), which is never performed.
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
@@ -22,20 +24,47 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Whether the client asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
-pub(crate) fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let upgrade = headers.get(header::UPGRADE)?;
-    connection_tokens(headers)
-        .any(|t| t.eq_ignore_ascii_case("upgrade"))
-        .then(|| upgrade.clone())
+/// Names whose underscore spellings (`X_Forwarded_For`) CGI and WSGI backends merge with the
+/// real field (both become `HTTP_X_FORWARDED_FOR`): a client could forge them past the proxy.
+const FORWARDING_FAMILY: [&str; 7] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// The protocols named by the client's `Upgrade` that `allowed` lists, when the client asks to
+/// switch at all (`Connection: upgrade`). `h2c` is never among them: switching to it would
+/// make the connection a tunnel past every per-request check (RFC 9110 §7.8 lets a server
+/// ignore `Upgrade`).
+pub(crate) fn allowed_upgrade(headers: &HeaderMap, allowed: &[Box<str>]) -> Option<HeaderValue> {
+    if !connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return None;
+    }
+    let kept: Vec<&str> = list_items(headers, &header::UPGRADE)
+        .filter(|p| upgrade_allowed(p, allowed))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
-/// Every token of every `Connection` field: one field may be split over several lines, and a
-/// proxy that reads only the first lets the others through (golang#46313).
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// Whether `protocol` (`name` or `name/version`) is one of `allowed`, and not `h2c`.
+pub(crate) fn upgrade_allowed(protocol: &str, allowed: &[Box<str>]) -> bool {
+    let name = protocol.split('/').next().unwrap_or("").trim();
+    !name.eq_ignore_ascii_case("h2c") && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// The items of a comma-separated list field, over all its lines.
+fn list_items<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -43,10 +72,18 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Removes the hop-by-hop fields and every field named by `Connection`.
+/// Every token of every `Connection` field: one field may be split over several lines, and a
+/// proxy that reads only the first lets the others through (golang#46313).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    list_items(headers, &header::CONNECTION)
+}
+
+/// Removes the hop-by-hop fields and every field named by `Connection`, except `Host`: the
+/// request's target is not the client's to drop (`Connection: host`).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| n != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -56,11 +93,36 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// RFC 9112 §3.2: exactly one valid `Host` in an HTTP/1.1 request, at most one in any other.
+/// A request that breaks this is refused before it reaches anything: a proxy and its backend
+/// could each pick a different one of two.
+pub(crate) fn check_host(headers: &HeaderMap, version: Version) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => Err("an HTTP/1.1 request needs a Host field"),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => Err("more than one Host field"),
+        (Some(host), None) => {
+            let valid = host
+                .to_str()
+                .ok()
+                .is_some_and(|h| !h.contains('@') && h.parse::<http::uri::Authority>().is_ok());
+            if valid {
+                Ok(())
+            } else {
+                Err("the Host field is not a host[:port]")
+            }
+        }
+    }
+}
+
 /// What the proxy knows of the request as it arrived.
 pub(crate) struct Arrival<'a> {
     pub(crate) client: Option<SocketAddr>,
-    pub(crate) https: bool,
+    /// The connection was TLS: said by whoever accepted it, never by the request.
+    pub(crate) tls: bool,
     pub(crate) version: Version,
+    /// The authority of an absolute-form target (HTTP/1.1) or `:authority` (HTTP/2).
     pub(crate) authority: Option<&'a str>,
     /// Keep X-Forwarded-Proto/Host set by a trusted front.
     pub(crate) trust_forwarded: bool,
@@ -102,15 +164,15 @@ pub(crate) fn for_backend(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
+    remove_underscore_twins(headers);
 
-    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 backends need Host.
-    if !headers.contains_key(header::HOST) {
-        if let Some(value) = arrival
-            .authority
-            .and_then(|a| HeaderValue::from_str(a).ok())
-        {
-            headers.insert(header::HOST, value);
-        }
+    // The target's authority is the Host: for an absolute-form target (RFC 9112 §3.2.2) and
+    // for HTTP/2's :authority (RFC 9113 §8.3.1); HTTP/1.1 backends need Host.
+    if let Some(value) = arrival
+        .authority
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        headers.insert(header::HOST, value);
     }
     let keep = |h: &HeaderMap, name: &HeaderName| arrival.trust_forwarded && h.contains_key(name);
     if !keep(headers, &X_FORWARDED_HOST) {
@@ -119,14 +181,77 @@ pub(crate) fn for_backend(
             None => headers.remove(X_FORWARDED_HOST),
         };
     }
+    let proto = if arrival.tls { "https" } else { "http" };
     if !keep(headers, &X_FORWARDED_PROTO) {
-        let proto = if arrival.https { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
+    append_forwarded(headers, arrival.client, proto);
     if let Some(client) = arrival.client {
         append_forwarded_for(headers, client);
     }
     append(headers, header::VIA, via_value(arrival.version));
+}
+
+/// Drops `X_Forwarded_For` and the like: see [`FORWARDING_FAMILY`].
+fn remove_underscore_twins(headers: &mut HeaderMap) {
+    let twins: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.contains('_')
+                && FORWARDING_FAMILY.iter().any(|f| {
+                    f.len() == n.len()
+                        && f.bytes()
+                            .zip(n.bytes())
+                            .all(|(f, c)| f == c || (f == b'-' && c == b'_'))
+                })
+        })
+        .cloned()
+        .collect();
+    for name in twins {
+        headers.remove(name);
+    }
+}
+
+/// Appends this hop's element to `Forwarded` (RFC 7239 §4): the client, the `Host` it asked
+/// for and the protocol of its connection.
+fn append_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &str) {
+    let mut element = String::new();
+    if let Some(client) = client {
+        match client.ip().to_canonical() {
+            std::net::IpAddr::V4(ip) => element.push_str(&format!("for={ip};")),
+            // An IPv6 address has colons, so it is a quoted string (RFC 7239 §6).
+            std::net::IpAddr::V6(ip) => element.push_str(&format!("for=\"[{ip}]\";")),
+        }
+    }
+    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if !host.is_empty() {
+            element.push_str(&format!("host={};", forwarded_value(host)));
+        }
+    }
+    element.push_str("proto=");
+    element.push_str(proto);
+    if let Ok(value) = HeaderValue::from_str(&element) {
+        append(headers, FORWARDED, value);
+    }
+}
+
+/// A `Forwarded` parameter value: a token as it is, anything else as a quoted string.
+fn forwarded_value(v: &str) -> String {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if v.chars().all(tchar) {
+        return v.to_owned();
+    }
+    let mut quoted = String::with_capacity(v.len() + 2);
+    quoted.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Rewrites a response's headers for the client.
@@ -184,7 +309,7 @@ mod tests {
     fn arrival() -> Arrival<'static> {
         Arrival {
             client: Some(([10, 1, 2, 3], 5555).into()),
-            https: false,
+            tls: false,
             version: Version::HTTP_11,
             authority: None,
             trust_forwarded: false,
@@ -307,7 +432,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        let up = wants_upgrade(&h);
+        let up = allowed_upgrade(&h, &["websocket".into()]);
         assert_eq!(up.as_ref().unwrap(), "websocket");
         for_backend(&mut h, &arrival(), up);
         assert_eq!(h[header::CONNECTION], "upgrade");

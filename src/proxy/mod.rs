@@ -22,7 +22,7 @@ use pool::{SendError, UpstreamBody};
 use crate::body::ProxiedBody;
 use crate::lifecycle::Lease;
 use crate::route::Route;
-use crate::{BoxError, ClientAddr, Error};
+use crate::{BoxError, ClientAddr, Error, Tls};
 
 /// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
 /// response or a failure as a response.
@@ -51,16 +51,22 @@ where
             Ok(lease) => lease,
             Err(e) => return error_response(&e),
         };
-        let (mut upstream, upgrade) = for_backend(req, target, route.trust_forwarded);
+        let (mut upstream, upgrade) = for_backend(req, target, &route);
         let mut retried = false;
         loop {
             let ep = lease.endpoint();
             // Boxed, and its result consumed before the next await: this future is what every
             // request parked on a cold start holds, so it must not reserve room for either.
             let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
-                Ok(res) => return respond(res, lease, upgrade),
+                Ok(res) => return respond(res, lease, upgrade, &route.upgrades),
                 Err(SendError::Failed(error)) => {
-                    return error_response(&Error::upstream(lifecycle.name(), error));
+                    return error_response(&failure(lifecycle.name(), error));
+                }
+                Err(SendError::NoResponseHead(after)) => {
+                    return error_response(&Error::response_header_timeout(
+                        lifecycle.name(),
+                        after,
+                    ));
                 }
                 Err(SendError::Connect { error, request }) => {
                     debug!(machine = lifecycle.name(), %ep, %error, "connect error");
@@ -85,11 +91,22 @@ where
     }
 }
 
-/// The request as the machine gets it, and the client's side of an upgrade it asks for.
+/// Whether a request for `route` may be forwarded at all: not CONNECT (a tunnel to wherever
+/// the client names), and with the one `Host` RFC 9112 §3.2 asks for.
+pub(crate) fn admissible<B>(route: &Route, req: &Request<B>) -> Result<(), Error> {
+    let machine = route.lifecycle.name();
+    if req.method() == http::Method::CONNECT {
+        return Err(Error::method_not_allowed(machine, http::Method::CONNECT));
+    }
+    headers::check_host(req.headers(), req.version()).map_err(|e| Error::bad_request(machine, e))
+}
+
+/// The request as the machine gets it, and the client's side of an upgrade it asks for and
+/// the route allows.
 fn for_backend<B>(
     mut req: Request<B>,
     target: PathAndQuery,
-    trust_forwarded: bool,
+    route: &Route,
 ) -> (
     Request<UpstreamBody>,
     Option<(http::HeaderValue, OnUpgrade)>,
@@ -98,16 +115,17 @@ where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let upgrade = headers::wants_upgrade(req.headers())
+    let upgrade = headers::allowed_upgrade(req.headers(), &route.upgrades)
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
+    let tls = req.extensions().get::<Tls>().is_some();
     let (mut parts, body) = req.into_parts();
     let arrival = headers::Arrival {
         client,
-        https: parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS),
+        tls,
         version: parts.version,
         authority: parts.uri.authority().map(|a| a.as_str()),
-        trust_forwarded,
+        trust_forwarded: route.trust_forwarded,
     };
     headers::for_backend(
         &mut parts.headers,
@@ -116,14 +134,46 @@ where
     );
     parts.uri = target.into();
     parts.version = Version::HTTP_11;
-    let upstream = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+    let body = body.map_err(|e| BoxError::from(ClientBodyError(e.into())));
+    let upstream = Request::from_parts(parts, body.boxed_unsync());
     (upstream, upgrade)
+}
+
+/// An error of the client's request body (a malformed chunk, a timeout), told apart from the
+/// machine's failures: the client's fault is a 4xx, not a 502.
+#[derive(Debug)]
+struct ClientBodyError(BoxError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body could not be read: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// What a request that failed after it was (partly) sent is answered with.
+fn failure(machine: &str, error: hyper::Error) -> Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = cause {
+        if let Some(body) = e.downcast_ref::<ClientBodyError>() {
+            let timed_out = body.0.is::<tower_http::timeout::TimeoutError>();
+            return Error::bad_request_body(machine, body.to_string(), timed_out);
+        }
+        cause = e.source();
+    }
+    Error::upstream(machine, error)
 }
 
 fn respond(
     res: Response<hyper::body::Incoming>,
     lease: Lease,
     upgrade: Option<(http::HeaderValue, OnUpgrade)>,
+    allowed: &[Box<str>],
 ) -> Response<ProxiedBody> {
     let (mut parts, body) = res.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -133,11 +183,21 @@ fn respond(
                 .get(http::header::UPGRADE)
                 .cloned()
                 .unwrap_or(protocol);
+            let chosen = protocol.to_str().unwrap_or("");
+            if !headers::upgrade_allowed(chosen, allowed) {
+                let e = format!("it switched to {chosen:?}, which the route does not allow");
+                return error_response(&Error::upstream(lease.lifecycle().name(), e));
+            }
             let backend_side = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
             tokio::spawn(splice(client_side, backend_side, lease));
             headers::for_client(&mut parts.headers, Some(protocol));
             return Response::from_parts(parts, ProxiedBody::empty());
         }
+    }
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Not asked for (or not allowed): the client would take the next bytes as HTTP.
+        let e = "it answered 101 Switching Protocols to a request that did not ask to switch";
+        return error_response(&Error::upstream(lease.lifecycle().name(), e));
     }
     headers::for_client(&mut parts.headers, None);
     Response::from_parts(parts, ProxiedBody::upstream(body, lease))

@@ -21,6 +21,10 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::BoxError;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 /// The body type sent upstream: whatever the client sent, boxed once.
 pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -34,12 +38,17 @@ pub(crate) enum SendError {
     },
     /// The request failed after (part of) it was sent.
     Failed(hyper::Error),
+    /// The machine took the request but sent no response head within this long.
+    NoResponseHead(Duration),
 }
 
 struct Conn {
     addr: SocketAddr,
     tx: http1::SendRequest<UpstreamBody>,
     idle_since: Instant,
+    /// The task driving the connection: aborted to close a connection whose response is late,
+    /// which dropping `tx` would not do while the request is in flight.
+    task: tokio::task::AbortHandle,
 }
 
 /// How many connections to one machine may be in the middle of being opened.
@@ -53,6 +62,7 @@ pub(crate) struct Pool {
     dialing: tokio::sync::Semaphore,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    response_header_timeout: Option<Duration>,
     max_idle: usize,
 }
 
@@ -65,12 +75,17 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(idle_timeout: Duration, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+        response_header_timeout: Option<Duration>,
+    ) -> Self {
         Pool {
             idle: Mutex::new(Vec::new()),
             dialing: tokio::sync::Semaphore::new(MAX_DIALING),
             idle_timeout,
             connect_timeout,
+            response_header_timeout,
             max_idle: 1024,
         }
     }
@@ -94,7 +109,27 @@ impl Pool {
                     }
                 },
             };
-            match conn.tx.try_send_request(req).await {
+            let sent = match self.response_header_timeout {
+                None => conn.tx.try_send_request(req).await,
+                Some(limit) => {
+                    // The clock starts once the request is sent whole, as Go's
+                    // ResponseHeaderTimeout does: a slow upload is not the machine's delay.
+                    let (sent_whole, body_done) = tokio::sync::oneshot::channel();
+                    let req = req.map(|body| EndSignal::new(body, sent_whole).boxed_unsync());
+                    let late = async {
+                        let _ = body_done.await;
+                        tokio::time::sleep(limit).await;
+                    };
+                    tokio::select! {
+                        sent = conn.tx.try_send_request(req) => sent,
+                        () = late => {
+                            conn.task.abort();
+                            return Err(SendError::NoResponseHead(limit));
+                        }
+                    }
+                }
+            };
+            match sent {
                 Ok(res) => {
                     // Busy until the response body ends; `take` skips it until then.
                     conn.idle_since = Instant::now();
@@ -174,7 +209,7 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 debug!(%addr, error = %e, "backend connection ended with an error");
             }
@@ -183,6 +218,68 @@ impl Pool {
             addr,
             tx,
             idle_since: Instant::now(),
+            task: task.abort_handle(),
         })
+    }
+}
+
+/// A request body that says when it has been sent whole.
+#[pin_project::pin_project]
+struct EndSignal {
+    #[pin]
+    body: UpstreamBody,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl EndSignal {
+    fn new(body: UpstreamBody, done: tokio::sync::oneshot::Sender<()>) -> Self {
+        let mut this = EndSignal {
+            body,
+            done: Some(done),
+        };
+        // An empty body is never polled.
+        if this.body.is_end_stream() {
+            this.signal();
+        }
+        this
+    }
+
+    fn signal(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Body for EndSignal {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let mut body = this.body;
+        let frame = ready!(body.as_mut().poll_frame(cx));
+        let ended = match &frame {
+            None => true,
+            Some(Ok(f)) => f.is_trailers() || body.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended {
+            if let Some(done) = this.done.take() {
+                let _ = done.send(());
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

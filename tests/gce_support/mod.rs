@@ -64,7 +64,10 @@ pub fn app(route: Route) -> Router {
 
 /// One request through the app: status and body.
 pub async fn call(app: &Router, path: &str) -> (StatusCode, String) {
-    let req = Request::get(path).body(Body::empty()).unwrap();
+    let req = Request::get(path)
+        .header("host", "front.test")
+        .body(Body::empty())
+        .unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let body = res.into_body().collect().await.unwrap().to_bytes();

@@ -1,0 +1,509 @@
+//! Serving a service on a TCP listener with the limits an exposed front needs: a cap on
+//! connections, a header-read timeout, an idle keep-alive timeout and a request-body timeout.
+//!
+//! `axum::serve` and a bare hyper connection set no timer: a client may open connections and
+//! send nothing, or one header byte a minute, for ever, until the process runs out of file
+//! descriptors. [`Server`] closes such connections:
+//!
+//! - A new connection has `header_read_timeout` to send its first request head; a request head
+//!   that has begun must be complete within `header_read_timeout` of its first byte. Past it the
+//!   client gets `408 Request Timeout` (HTTP/1.1) and the connection is closed.
+//! - A keep-alive connection with no request in flight is closed after `keepalive_timeout`.
+//! - A request body that sends no byte for `request_body_timeout` fails: the proxy answers 408
+//!   when nothing of the response was sent yet, and the machine's connection is closed, not
+//!   reused.
+//! - At most `max_connections` connections are served at once; more wait in the listen backlog
+//!   until one closes, while the others are served as usual.
+//! - An upgraded connection (WebSocket) is the application's from then on: none of these
+//!   timers apply to it.
+//!
+//! Every request carries the client's address as a [`ClientAddr`] extension.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use vmproxy::server::Server;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> std::io::Result<()> {
+//! let app = Router::new().route("/", get(|| async { "hello" }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! Server::new()
+//!     .header_read_timeout(Duration::from_secs(10))
+//!     .max_connections(10_000)
+//!     .serve(listener, app, async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use pin_project::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tower::util::Oneshot;
+use tower_service::Service;
+use tracing::{debug, info, warn};
+
+use crate::{BoxError, ClientAddr};
+
+/// The request body a service served by [`Server`] receives: the connection's body, failing
+/// with [`tower_http::timeout::TimeoutError`] after `request_body_timeout` without a byte.
+pub type RequestBody = tower_http::timeout::TimeoutBody<Incoming>;
+
+/// Serves a service with connection limits and timeouts; see the [module docs](self).
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Server {
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
+    request_body_timeout: Duration,
+    max_connections: Option<usize>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::new()
+    }
+}
+
+/// The defaults, also those of the binary's configuration file.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Descriptors kept back from the connection cap: the listener, logs, the machines' processes.
+const RESERVED_FDS: u64 = 64;
+
+impl Server {
+    /// A server with the defaults: 30 s to send a request head, 60 s idle keep-alive, 60 s
+    /// between request-body bytes, and a connection cap derived from the open-file limit.
+    pub fn new() -> Self {
+        Server {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+            request_body_timeout: REQUEST_BODY_TIMEOUT,
+            max_connections: None,
+        }
+    }
+
+    /// How long a client has to send a complete request head: from the moment the connection
+    /// opens, or from the first byte of a later request on it (default: 30 s).
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// How long a connection with no request in flight stays open (default: 60 s).
+    pub fn keepalive_timeout(mut self, timeout: Duration) -> Self {
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// How long a request body may go without sending a byte (default: 60 s).
+    pub fn request_body_timeout(mut self, timeout: Duration) -> Self {
+        self.request_body_timeout = timeout;
+        self
+    }
+
+    /// How many connections are served at once; more wait in the listen backlog (default:
+    /// half the open-file limit left after a small reserve, since every proxied request may
+    /// need a connection to its machine too; see [`default_max_connections`]).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = Some(max);
+        self
+    }
+
+    /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and
+    /// waits for the connections' requests in flight to end. Dropping the returned future
+    /// closes every connection at once.
+    pub async fn serve<S, B, F>(
+        self,
+        listener: TcpListener,
+        service: S,
+        shutdown: F,
+    ) -> io::Result<()>
+    where
+        S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        let max = self.max_connections.unwrap_or_else(default_max_connections);
+        info!(
+            max_connections = max,
+            header_read_timeout = ?self.header_read_timeout,
+            keepalive_timeout = ?self.keepalive_timeout,
+            request_body_timeout = ?self.request_body_timeout,
+            "serving"
+        );
+        let slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut connections = tokio::task::JoinSet::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+        let limits = Arc::new(self);
+        tokio::pin!(shutdown);
+        loop {
+            while connections.try_join_next().is_some() {}
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors or memory: the connections we have still need
+                        // serving. Pause, or this loop spins on the same error.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = Connection::new(stream, limits.clone());
+            let tracked = Tracked {
+                inner: service.clone(),
+                conn: conn.state.clone(),
+                peer,
+                body_timeout: limits.request_body_timeout,
+            };
+            let serving = builder
+                .serve_connection_with_upgrades(TokioIo::new(conn), tracked)
+                .into_owned();
+            let serving = graceful.watch(serving);
+            connections.spawn(async move {
+                if let Err(e) = serving.await {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// The connection cap when none is set: half of what the open-file limit leaves after a small
+/// reserve, since each proxied request may hold a connection to its machine as well. Raises the
+/// soft limit to the hard one first, as Go's runtime does.
+pub fn default_max_connections() -> usize {
+    let limit = raise_open_file_limit();
+    let cap = (limit.saturating_sub(RESERVED_FDS) / 2).max(1);
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}
+
+#[cfg(unix)]
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> u64 {
+    1024
+}
+
+/// What the connection's timers need to know of its requests.
+#[derive(Debug)]
+struct ConnState {
+    /// Requests whose response has not ended.
+    in_flight: AtomicUsize,
+    /// Switched protocols: the bytes are the application's, no timer applies.
+    upgraded: AtomicBool,
+    /// Bumped each time the last request in flight ends.
+    idle_epoch: AtomicU64,
+    idle_since: Mutex<Instant>,
+}
+
+impl ConnState {
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.idle_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A TCP connection whose reads enforce the header-read and keep-alive timeouts: hyper parks
+/// in `poll_read` whenever it waits for the next request, so that is where the timer runs.
+struct Connection {
+    io: TcpStream,
+    /// Boxed: an upgrade hands the connection on, and only an `Unpin` one can be.
+    timer: Pin<Box<Sleep>>,
+    state: Arc<ConnState>,
+    limits: Arc<Server>,
+    /// The idle period the bookkeeping below belongs to (0: the connection's first).
+    epoch: u64,
+    /// When the current request head began to arrive.
+    head_started: Option<Instant>,
+    /// The client spoke HTTP/2 (its preface begins with `PRI`).
+    h2: Option<bool>,
+    expired: bool,
+}
+
+impl Connection {
+    fn new(io: TcpStream, limits: Arc<Server>) -> Self {
+        let now = Instant::now();
+        Connection {
+            io,
+            timer: Box::pin(tokio::time::sleep_until(now + limits.header_read_timeout)),
+            state: Arc::new(ConnState {
+                in_flight: AtomicUsize::new(0),
+                upgraded: AtomicBool::new(false),
+                idle_epoch: AtomicU64::new(0),
+                idle_since: Mutex::new(now),
+            }),
+            limits,
+            epoch: 0,
+            head_started: None,
+            h2: None,
+            expired: false,
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        if let Poll::Ready(read) = Pin::new(&mut this.io).poll_read(cx, buf) {
+            let got = &buf.filled()[before..];
+            if !got.is_empty() {
+                if this.h2.is_none() {
+                    this.h2 = Some(got.starts_with(b"PRI"));
+                }
+                let epoch = this.state.idle_epoch.load(Ordering::Acquire);
+                if this.epoch != epoch {
+                    this.epoch = epoch;
+                    this.head_started = None;
+                }
+                if this.head_started.is_none() && this.state.in_flight.load(Ordering::Acquire) == 0
+                {
+                    this.head_started = Some(Instant::now());
+                }
+            }
+            return Poll::Ready(read);
+        }
+        // Nothing to read: the timers apply only between requests.
+        if this.state.upgraded.load(Ordering::Acquire)
+            || this.state.in_flight.load(Ordering::Acquire) > 0
+        {
+            return Poll::Pending;
+        }
+        let epoch = this.state.idle_epoch.load(Ordering::Acquire);
+        if this.epoch != epoch {
+            this.epoch = epoch;
+            this.head_started = None;
+        }
+        let limits = &*this.limits;
+        // HTTP/2 frames between requests (pings, window updates) are no request head: only
+        // requests keep an HTTP/2 connection open.
+        let h2 = this.h2.unwrap_or(false);
+        let head = this.head_started.filter(|_| !h2);
+        let since = *this
+            .state
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let deadline = match (this.epoch, head) {
+            // The first request: its head is due within the timeout of the connection opening.
+            (0, _) => since + limits.header_read_timeout,
+            (_, Some(started)) => started + limits.header_read_timeout,
+            (_, None) => since + limits.keepalive_timeout,
+        };
+        if this.timer.deadline() != deadline {
+            this.timer.as_mut().reset(deadline);
+        }
+        ready!(this.timer.as_mut().poll(cx));
+        this.expired = true;
+        if head.is_some() {
+            // Best effort: the connection is between responses, so nothing else is writing.
+            let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
+            debug!("request head not received in time: 408");
+        } else {
+            debug!(h2, "idle connection closed");
+        }
+        let _ = Pin::new(&mut this.io).poll_shutdown(cx);
+        Poll::Ready(Ok(()))
+    }
+}
+
+const REQUEST_TIMEOUT_RESPONSE: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The service as one connection sees it: counts its requests for the timers, times the
+/// request body, and tells the service who the client is.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    conn: Arc<ConnState>,
+    peer: SocketAddr,
+    body_timeout: Duration,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = BoxError;
+    type Future = TrackedFuture<Oneshot<S, Request<RequestBody>>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(|b| tower_http::timeout::TimeoutBody::new(self.body_timeout, b));
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        TrackedFuture {
+            fut: Oneshot::new(self.inner.clone(), req),
+            guard: Some(InFlight(self.conn.clone())),
+        }
+    }
+}
+
+/// Counts one request in flight on its connection until dropped.
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// The response future of [`Tracked`].
+#[pin_project]
+struct TrackedFuture<F> {
+    #[pin]
+    fut: F,
+    guard: Option<InFlight>,
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<TrackedBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            this.guard
+                .as_ref()
+                .expect("polled after completion")
+                .0
+                .upgraded
+                .store(true, Ordering::Release);
+        }
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
+    }
+}
+
+/// A response body that keeps its request counted in flight until it ends.
+#[pin_project]
+struct TrackedBody<B> {
+    #[pin]
+    body: B,
+    guard: Option<InFlight>,
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
+        if frame.is_none() {
+            this.guard.take();
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
