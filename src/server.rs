@@ -244,6 +244,9 @@ struct ConnState {
     /// Bumped each time the last request in flight ends.
     idle_epoch: AtomicU64,
     idle_since: Mutex<Instant>,
+    /// The reader parked while a request was in flight: woken when the last one ends, so that
+    /// the idle timer starts even if no byte arrives to wake it.
+    parked_reader: Mutex<Option<std::task::Waker>>,
 }
 
 impl ConnState {
@@ -251,6 +254,14 @@ impl ConnState {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             self.idle_epoch.fetch_add(1, Ordering::AcqRel);
+            let parked = self
+                .parked_reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(waker) = parked {
+                waker.wake();
+            }
         }
     }
 }
@@ -283,6 +294,7 @@ impl Connection {
                 upgraded: AtomicBool::new(false),
                 idle_epoch: AtomicU64::new(0),
                 idle_since: Mutex::new(now),
+                parked_reader: Mutex::new(None),
             }),
             limits,
             epoch: 0,
@@ -290,6 +302,32 @@ impl Connection {
             h2: None,
             expired: false,
         }
+    }
+}
+
+impl Connection {
+    /// When the connection, idle now, is closed, and whether a request head has begun then.
+    fn deadline(&mut self) -> (Instant, Option<Instant>) {
+        let epoch = self.state.idle_epoch.load(Ordering::Acquire);
+        if self.epoch != epoch {
+            self.epoch = epoch;
+            self.head_started = None;
+        }
+        // HTTP/2 frames between requests (pings, window updates) are no request head: only
+        // requests keep an HTTP/2 connection open.
+        let head = self.head_started.filter(|_| self.h2 != Some(true));
+        let since = *self
+            .state
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let deadline = match (self.epoch, head) {
+            // The first request: its head is due within the timeout of the connection opening.
+            (0, _) => since + self.limits.header_read_timeout,
+            (_, Some(started)) => started + self.limits.header_read_timeout,
+            (_, None) => since + self.limits.keepalive_timeout,
+        };
+        (deadline, head)
     }
 }
 
@@ -323,43 +361,39 @@ impl AsyncRead for Connection {
             return Poll::Ready(read);
         }
         // Nothing to read: the timers apply only between requests.
-        if this.state.upgraded.load(Ordering::Acquire)
-            || this.state.in_flight.load(Ordering::Acquire) > 0
-        {
+        if this.state.upgraded.load(Ordering::Acquire) {
             return Poll::Pending;
         }
-        let epoch = this.state.idle_epoch.load(Ordering::Acquire);
-        if this.epoch != epoch {
-            this.epoch = epoch;
-            this.head_started = None;
+        if this.state.in_flight.load(Ordering::Acquire) > 0 {
+            *this
+                .state
+                .parked_reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            // The last request may have ended between the load and the registration.
+            if this.state.in_flight.load(Ordering::Acquire) > 0 {
+                return Poll::Pending;
+            }
         }
-        let limits = &*this.limits;
-        // HTTP/2 frames between requests (pings, window updates) are no request head: only
-        // requests keep an HTTP/2 connection open.
-        let h2 = this.h2.unwrap_or(false);
-        let head = this.head_started.filter(|_| !h2);
-        let since = *this
-            .state
-            .idle_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let deadline = match (this.epoch, head) {
-            // The first request: its head is due within the timeout of the connection opening.
-            (0, _) => since + limits.header_read_timeout,
-            (_, Some(started)) => started + limits.header_read_timeout,
-            (_, None) => since + limits.keepalive_timeout,
+        // The request's end may move the deadline after the timer was set: recompute until
+        // the deadline that fired is still the one that applies.
+        let head = loop {
+            let (deadline, head) = this.deadline();
+            if this.timer.deadline() != deadline {
+                this.timer.as_mut().reset(deadline);
+            }
+            ready!(this.timer.as_mut().poll(cx));
+            if this.deadline().0 <= Instant::now() {
+                break head;
+            }
         };
-        if this.timer.deadline() != deadline {
-            this.timer.as_mut().reset(deadline);
-        }
-        ready!(this.timer.as_mut().poll(cx));
         this.expired = true;
         if head.is_some() {
             // Best effort: the connection is between responses, so nothing else is writing.
             let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
             debug!("request head not received in time: 408");
         } else {
-            debug!(h2, "idle connection closed");
+            debug!(h2 = this.h2, "idle connection closed");
         }
         let _ = Pin::new(&mut this.io).poll_shutdown(cx);
         Poll::Ready(Ok(()))

@@ -161,7 +161,13 @@ fn failure(machine: &str, error: hyper::Error) -> Error {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = cause {
         if let Some(body) = e.downcast_ref::<ClientBodyError>() {
-            let timed_out = body.0.is::<tower_http::timeout::TimeoutError>();
+            // Under other layers (axum's body) the timeout may be wrapped: look down the chain.
+            let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&*body.0);
+            let mut timed_out = false;
+            while let Some(e) = inner {
+                timed_out |= e.is::<tower_http::timeout::TimeoutError>();
+                inner = e.source();
+            }
             return Error::bad_request_body(machine, body.to_string(), timed_out);
         }
         cause = e.source();

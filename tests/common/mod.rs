@@ -179,6 +179,8 @@ pub fn backend_app(knobs: Arc<Knobs>) -> Router {
         .route("/app/sink", any(sink))
         .route("/app/trailers", any(trailers))
         .route("/app/ws", get(ws))
+        .route("/app/switch", any(switch_anyway))
+        .route("/app/slow-head", any(slow_head))
         .fallback(echo)
 }
 
@@ -272,6 +274,28 @@ async fn trailers(req: Request) -> Response {
     res.headers_mut()
         .insert("trailer", announced.parse().unwrap());
     res
+}
+
+/// A backend that switches protocols whatever it is asked, as an h2c-capable server would when
+/// asked for h2c: the proxy must never hand the client such a connection unasked.
+async fn switch_anyway() -> Response {
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "h2c")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// Takes the request, then sends the response head only after `ms` milliseconds.
+async fn slow_head(Query(p): Query<SlowParams>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(p.ms)).await;
+    "late"
+}
+
+#[derive(serde::Deserialize)]
+struct SlowParams {
+    ms: u64,
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {

@@ -1,0 +1,253 @@
+//! A hostile client against the layer, over raw sockets so that no client library tidies the
+//! attack away: tunnels through `Upgrade`, a forged scheme, missing or doubled `Host`, CONNECT,
+//! forged forwarding headers, a malformed chunked body, a machine that never answers.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn warm_front_with(
+    build: impl FnOnce(vmproxy::RouteBuilder) -> vmproxy::RouteBuilder,
+) -> (SocketAddr, FakeBackend) {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = build(route(backend.clone())).build().unwrap();
+    route.handle().start().await.unwrap();
+    (front(route).await, backend)
+}
+
+async fn warm_front() -> (SocketAddr, FakeBackend) {
+    warm_front_with(|b| b).await
+}
+
+/// Writes `request` as is and reads until the server closes (every request here says
+/// `Connection: close`, or is one the server must close on).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    // A bound so that a server that holds the connection fails the test instead of hanging it.
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "the server held the connection: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(response: &str) -> u16 {
+    response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
+/// The JSON echo of the machine, from a raw response.
+fn echo(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    // A chunked body: the JSON is on the line after the size.
+    let json = body.lines().find(|l| l.starts_with('{')).unwrap_or(body);
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("no echo ({e}): {response}"))
+}
+
+fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_a_tunnel() {
+    let (addr, _b) = warm_front().await;
+    // Asked of an ordinary endpoint: forwarded as a plain request, every trace of the upgrade gone.
+    let res = exchange(
+        addr,
+        b"GET /app/h HTTP/1.1\r\nHost: front.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 200, "{res}");
+    let echo = echo(&res);
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(
+            header(&echo, gone).is_empty(),
+            "{gone} reached the machine: {echo}"
+        );
+    }
+    for v in header(&echo, "connection") {
+        assert!(!v.to_ascii_lowercase().contains("upgrade"), "{echo}");
+    }
+    // Asked of a machine that switches whatever it is asked (an h2c-capable server): the client
+    // never gets the switched connection.
+    let res = exchange(
+        addr,
+        b"GET /app/switch HTTP/1.1\r\nHost: front.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_ne!(status(&res), 101, "the client got a tunnel: {res}");
+    assert_eq!(status(&res), 502, "{res}");
+}
+
+#[tokio::test]
+async fn only_listed_protocols_are_upgraded() {
+    // WebSocket is listed by default: it still works (tests/lifecycle.rs carries messages).
+    let (addr, _b) = warm_front().await;
+    let ws = b"GET /app/h HTTP/1.1\r\nHost: front.test\r\nConnection: Upgrade, close\r\n\
+               Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let res = exchange(addr, ws).await;
+    let echo_default = echo(&res);
+    assert_eq!(header(&echo_default, "upgrade"), ["websocket"], "{res}");
+
+    // A route that lists none: the same request arrives as a plain one.
+    let (addr, _b) = warm_front_with(|b| b.upgrades(Vec::<String>::new())).await;
+    let res = exchange(addr, ws).await;
+    let echo_none = echo(&res);
+    assert!(header(&echo_none, "upgrade").is_empty(), "{res}");
+
+    // h2c cannot be listed.
+    let err = route(FakeBackend::new(Duration::ZERO))
+        .upgrades(["websocket", "h2c"])
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "upgrades", "{err}");
+}
+
+#[tokio::test]
+async fn the_scheme_comes_from_the_connection_not_the_request() {
+    let (addr, _b) = warm_front().await;
+    let res = exchange(
+        addr,
+        b"GET https://front.test/app/h HTTP/1.1\r\nHost: front.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 200, "{res}");
+    let echo = echo(&res);
+    assert_eq!(header(&echo, "x-forwarded-proto"), ["http"], "{echo}");
+    let forwarded = header(&echo, "forwarded").join(",");
+    assert!(forwarded.ends_with("proto=http"), "{forwarded}");
+}
+
+#[tokio::test]
+async fn host_is_exactly_one_and_the_absolute_target_names_it() {
+    let (addr, backend) = warm_front().await;
+    let served_before = backend.starts();
+    for (what, request) in [
+        (
+            "no Host",
+            &b"GET /app/h HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        ),
+        (
+            "two Hosts",
+            b"GET /app/h HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "a Host that is no host",
+            b"GET /app/h HTTP/1.1\r\nHost: user@evil.test\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        let res = exchange(addr, request).await;
+        assert_eq!(status(&res), 400, "{what}: {res}");
+        assert!(
+            !res.contains("\"method\""),
+            "{what} reached the machine: {res}"
+        );
+    }
+    assert_eq!(backend.starts(), served_before);
+
+    // RFC 9112 §3.2.2: the absolute-form target's authority replaces Host.
+    let res = exchange(
+        addr,
+        b"GET http://target.test:8080/app/h HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(header(&echo(&res), "host"), ["target.test:8080"], "{res}");
+
+    // Connection cannot take Host away.
+    let res = exchange(
+        addr,
+        b"GET /app/h HTTP/1.1\r\nHost: front.test\r\nConnection: Host, close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(header(&echo(&res), "host"), ["front.test"], "{res}");
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = vmproxy::Route::builder("/", backend.clone())
+        .health_path("/healthz")
+        .build()
+        .unwrap();
+    let addr = front(route).await;
+    let res = exchange(
+        addr,
+        b"CONNECT internal.test:22 HTTP/1.1\r\nHost: internal.test:22\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 405, "{res}");
+    assert!(res.to_ascii_lowercase().contains("\r\nallow: "), "{res}");
+    assert_eq!(backend.starts(), 0, "CONNECT woke the machine");
+}
+
+#[tokio::test]
+async fn forwarded_is_appended_and_underscore_twins_are_dropped() {
+    let (addr, _b) = warm_front().await;
+    let res = exchange(
+        addr,
+        b"GET /app/h HTTP/1.1\r\nHost: front.test:8443\r\nConnection: close\r\n\
+          Forwarded: for=198.51.100.7\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Host: evil.test\r\n\
+          X_Real_IP: 6.6.6.6\r\n\r\n",
+    )
+    .await;
+    let echo = echo(&res);
+    assert_eq!(
+        header(&echo, "forwarded"),
+        ["for=198.51.100.7, for=127.0.0.1;host=\"front.test:8443\";proto=http"],
+        "{echo}"
+    );
+    for twin in ["x_forwarded_for", "x-forwarded_host", "x_real_ip"] {
+        assert!(
+            header(&echo, twin).is_empty(),
+            "{twin} reached the machine: {echo}"
+        );
+    }
+    assert_eq!(header(&echo, "x-forwarded-for"), ["127.0.0.1"], "{echo}");
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_400() {
+    let (addr, _b) = warm_front().await;
+    let res = exchange(
+        addr,
+        b"POST /app/sink HTTP/1.1\r\nHost: front.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nzz\r\nbad\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 400, "{res}");
+    // The machine's connection was closed, not reused half-written: the next request is fine.
+    let (status, _, body) = get_text(addr, "/app/after").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_machine_that_sends_no_response_head_in_time_is_a_504() {
+    let (addr, _b) =
+        warm_front_with(|b| b.response_header_timeout(Some(Duration::from_millis(200)))).await;
+    let res = exchange(
+        addr,
+        b"GET /app/slow-head?ms=5000 HTTP/1.1\r\nHost: front.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 504, "{res}");
+    assert!(res.contains("no response head"), "{res}");
+    // Within the limit: served.
+    let (status, _, body) = get_text(addr, "/app/slow-head?ms=10").await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "late"));
+}

@@ -1,0 +1,270 @@
+//! The front cannot be held or exhausted: a slow or silent client, an idle keep-alive
+//! connection, a stalled request body and a flood of connections all meet a limit, while the
+//! binary goes on serving everyone else. Raw sockets throughout.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmproxy");
+
+/// The binary, killed when dropped: nothing outlives a failed test.
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn config_file(text: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "vmproxy-test-front-{}-{}.toml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the binary with `limits` as its top-level keys and one route that is never used.
+fn proxy(limits: &str) -> Proxy {
+    let config = config_file(&format!(
+        "listen = \"127.0.0.1:0\"\n{limits}\n\n[[route]]\npath = \"/app\"\n\n[route.process]\n\
+         command = [\"python3\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n"
+    ));
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("proxy: {line}");
+            if line.contains("listening") {
+                let addr = line.split("addr=").nth(1).unwrap_or("");
+                let addr: String = addr
+                    .chars()
+                    .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                if let Ok(a) = addr.parse::<SocketAddr>() {
+                    let _ = tx.send(a);
+                }
+            }
+        }
+    });
+    let mut p = Proxy {
+        child,
+        addr: ([127, 0, 0, 1], 0).into(),
+        config,
+    };
+    p.addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the binary did not say where it listens");
+    p
+}
+
+/// Reads until the server closes, or panics after `limit` (a safety net, not a timing check).
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(r.is_ok(), "the connection was held open: {text:?}");
+    text
+}
+
+/// One complete response on a keep-alive connection (the fallback's 404 has a length).
+async fn one_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert!(n > 0, "closed before a whole response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text.into_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slowloris_head_gets_408_and_is_closed() {
+    let p = proxy("header_read_timeout = \"500ms\"");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: front.test\r\n")
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // One header byte every 100 ms, for up to 10 s: never a complete head.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b"X").await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut out)).await;
+    trickle.abort();
+    let text = String::from_utf8_lossy(&out);
+    assert!(r.is_ok(), "a trickled head held the connection: {text:?}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+}
+
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let p = proxy("header_read_timeout = \"400ms\"\nkeepalive_timeout = \"300ms\"");
+    // A connection that never sends a byte.
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    let text = read_until_closed(&mut silent, Duration::from_secs(8)).await;
+    assert!(text.is_empty(), "{text:?}");
+
+    // A keep-alive connection after its response.
+    let mut idle = TcpStream::connect(p.addr).await.unwrap();
+    idle.write_all(b"GET /nothing HTTP/1.1\r\nHost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    let first = one_response(&mut idle).await;
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
+    let rest = read_until_closed(&mut idle, Duration::from_secs(8)).await;
+    assert!(rest.is_empty(), "an idle close sends nothing: {rest:?}");
+}
+
+#[tokio::test]
+async fn past_max_connections_new_ones_wait_while_the_others_are_served() {
+    let p = proxy("max_connections = 2\nkeepalive_timeout = \"60s\"");
+    let request = b"GET /nothing HTTP/1.1\r\nHost: front.test\r\n\r\n";
+    let mut a = TcpStream::connect(p.addr).await.unwrap();
+    let mut b = TcpStream::connect(p.addr).await.unwrap();
+    for s in [&mut a, &mut b] {
+        s.write_all(request).await.unwrap();
+        assert!(one_response(s).await.starts_with("HTTP/1.1 404"));
+    }
+    // The third is accepted by the kernel but not served while two are open...
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(request).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served past max_connections = 2"
+    );
+    // ...while the ones already in are served as usual.
+    b.write_all(request).await.unwrap();
+    assert!(one_response(&mut b).await.starts_with("HTTP/1.1 404"));
+    // One closes: the third is served.
+    drop(a);
+    assert!(one_response(&mut c).await.starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn connect_and_a_missing_host_are_answered_not_dropped() {
+    let p = proxy("");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"CONNECT internal.test:22 HTTP/1.1\r\nHost: internal.test:22\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let text = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("\r\nallow: "), "{text}");
+
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /nothing HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+}
+
+/// The library's server in-process, with the layer and the fake machine behind it.
+async fn served(server: vmproxy::server::Server) -> (SocketAddr, FakeBackend) {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    route.handle().start().await.unwrap();
+    let app = front_app(vmproxy::VmProxyLayer::new(route));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, app, std::future::pending()));
+    (addr, backend)
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_a_408_and_the_machine_stays_usable() {
+    let server = vmproxy::server::Server::new().request_body_timeout(Duration::from_millis(300));
+    let (addr, _backend) = served(server).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // 100 bytes announced, 10 sent, then nothing.
+    s.write_all(
+        b"POST /app/sink HTTP/1.1\r\nHost: front.test\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let text = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let (status, _, body) = get_text(addr, "/app/after").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_outlives_the_keepalive_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let server = vmproxy::server::Server::new()
+        .keepalive_timeout(Duration::from_millis(200))
+        .header_read_timeout(Duration::from_millis(200));
+    let (addr, _backend) = served(server).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws"))
+        .await
+        .unwrap();
+    let quiet_until = Instant::now() + Duration::from_millis(800);
+    tokio::time::sleep_until(quiet_until).await;
+    ws.send(Message::text("still there")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("no echo")
+        .expect("closed")
+        .unwrap();
+    assert_eq!(echoed, Message::text("still there"));
+}
