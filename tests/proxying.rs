@@ -191,15 +191,21 @@ async fn dot_segments_and_encoded_slashes_neither_escape_nor_skip_the_prefix() {
             "{target} must go to the front, not the machine: {text}"
         );
     }
-    // Encoded separators near the prefix: refused.
+    // Encoded separators, stray '%' (a second decoding would find `%2e%2e`), dot segments
+    // with parameters (`..` to Java servers) near the prefix: refused.
     for target in [
         "/app/x%2F..%2F..%2Fadmin",
         "/app%2Fx",
         "/x%2f..%2fapp/y",
         "/app/a%5Cb",
+        "/app/%%32%65%%32%65/admin/x",
+        "/app/x%2%66..%2%66..",
+        "/app/%zz",
+        "/app/..;/admin",
     ] {
         let (status, text) = raw(addr, target).await;
         assert_eq!(status, 400, "{target}: {text}");
+        assert!(text.contains("bad request path"), "{target}: {text}");
     }
     // Skip attempts: still the machine's, forwarded normalized.
     for (target, seen) in [
