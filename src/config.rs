@@ -482,6 +482,57 @@ stop_grace = "10s"
     }
 
     #[test]
+    fn what_cannot_serve_is_refused_before_serving() {
+        let e = err("listen = \"127.0.0.1:8080\"\n");
+        assert_eq!(e.key(), "route", "{e}");
+
+        let shadowed = format!(
+            "{GOOD}\n[[route]]\npath = \"/app/admin\"\n[route.process]\ncommand = [\"x\", \"{{port}}\"]\n"
+        );
+        let e = err(&shadowed);
+        assert_eq!(e.key(), "route[1].path", "{e}");
+        assert!(e.to_string().contains("route[0]"), "names both: {e}");
+        let e = err(&shadowed.replace("path = \"/app/admin\"", "path = \"/b\"\nalso = [\"/app\"]"));
+        assert_eq!(e.key(), "route[1].also[0]", "{e}");
+        // A longer prefix first, a shorter one after: both reachable.
+        let both = shadowed.replacen("path = \"/app\"", "path = \"/app/x\"", 1);
+        let both = both.replace("path = \"/app/admin\"", "path = \"/app\"");
+        Config::parse(&both).unwrap();
+
+        let e = err(&GOOD.replace("stop_grace", "cwd = \"/no/such/dir\"\nstop_grace"));
+        assert_eq!(e.key(), "route[0].process.cwd", "{e}");
+        assert!(e.to_string().contains("/no/such/dir"), "{e}");
+
+        for (key, line) in [
+            ("header_read_timeout", "header_read_timeout = \"0s\""),
+            ("max_connections", "max_connections = 0"),
+        ] {
+            let e = err(&GOOD.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\n{line}"),
+            ));
+            assert_eq!(e.key(), key, "{e}");
+        }
+        let e = err(&GOOD.replace("max_pending = 10000", "upgrades = [\"websocket\", \"h2c\"]"));
+        assert_eq!(e.key(), "route[0].upgrades", "{e}");
+    }
+
+    #[test]
+    fn a_command_that_ignores_its_port_is_warned_about() {
+        assert!(Config::parse(GOOD).unwrap().warnings().is_empty());
+        let c = Config::parse(&GOOD.replace("\"{port}\", ", "")).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("route[0].process.command"), "{w:?}");
+        let c = Config::parse(&GOOD.replace(
+            "[\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\"]",
+            "[\"sh\", \"-c\", \"exec python3 -m http.server $PORT\"]",
+        ))
+        .unwrap();
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
     fn zero_idle_disables_scale_to_zero() {
         let c = Config::parse(&GOOD.replace("\"10m\"", "\"0s\"")).unwrap();
         assert_eq!(c.routes[0].idle_timeout, Some(Duration::ZERO));

@@ -251,4 +251,3 @@ async fn a_machine_that_sends_no_response_head_in_time_is_a_504() {
     let (status, _, body) = get_text(addr, "/app/slow-head?ms=10").await;
     assert_eq!((status.as_u16(), body.as_str()), (200, "late"));
 }
-
