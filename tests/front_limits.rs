@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -14,78 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vmproxy");
-
-/// The binary, killed when dropped: nothing outlives a failed test.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    config: std::path::PathBuf,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-fn config_file(text: &str) -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "vmproxy-test-front-{}-{}.toml",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Runs the binary with `limits` as its top-level keys and one route that is never used.
-fn proxy(limits: &str) -> Proxy {
-    let config = config_file(&format!(
-        "listen = \"127.0.0.1:0\"\n{limits}\n\n[[route]]\npath = \"/app\"\n\n[route.process]\n\
-         command = [\"python3\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n"
-    ));
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("proxy: {line}");
-            if line.contains("listening") {
-                let addr = line.split("addr=").nth(1).unwrap_or("");
-                let addr: String = addr
-                    .chars()
-                    .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                if let Ok(a) = addr.parse::<SocketAddr>() {
-                    let _ = tx.send(a);
-                }
-            }
-        }
-    });
-    let mut p = Proxy {
-        child,
-        addr: ([127, 0, 0, 1], 0).into(),
-        config,
-    };
-    p.addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the binary did not say where it listens");
-    p
+fn proxy(limits: &str) -> binary::Proxy {
+    binary::Proxy::start(
+        &format!(
+            "listen = \"127.0.0.1:0\"\n{limits}\n\n[[route]]\npath = \"/app\"\n\n[route.process]\n\
+             command = [\"python3\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n"
+        ),
+        &[],
+    )
 }
 
 /// Reads until the server closes, or panics after `limit` (a safety net, not a timing check).

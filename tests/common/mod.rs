@@ -2,6 +2,8 @@
 //! axum app in the layer, and a one-connection-per-request client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

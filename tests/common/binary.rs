@@ -1,0 +1,144 @@
+//! The `vmproxy` binary as a child process: a config file in the temp dir, the address it
+//! listens on read from its log, and a kill when the test ends, however it ends.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vmproxy");
+
+/// A file in the system temp dir, removed on drop.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(text: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmproxy-test-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&path, text).unwrap();
+        TempFile(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `vmproxy --config FILE --check`: the exit code and what it wrote to stderr.
+pub fn check(config: &str) -> (i32, String) {
+    let file = TempFile::new(config);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(file.path())
+        .arg("--check")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running binary; killed on drop, so a failing test leaves nothing behind.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _config: TempFile,
+}
+
+impl Proxy {
+    /// Serves `config` (its `listen` should use port 0) with extra environment `env`.
+    pub fn start(config: &str, env: &[(&str, &str)]) -> Proxy {
+        let config = TempFile::new(config);
+        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(config.path())
+            .env("RUST_LOG", log_filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening addr=").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    if let Ok(a) = addr.parse::<SocketAddr>() {
+                        let _ = tx.send(a);
+                    }
+                }
+                let mut all = lines.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let mut proxy = Proxy {
+            child,
+            addr: ([127, 0, 0, 1], 0).into(),
+            log,
+            _config: config,
+        };
+        proxy.addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!("the binary did not say where it listens:\n{}", proxy.log())
+            });
+        proxy
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends `signal` and waits for the exit, without blocking the runtime (servers the binary
+    /// talks to may run on it); returns the exit code (None: ended by a signal).
+    pub async fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> Option<i32> {
+        nix::sys::signal::kill(self.pid(), signal).unwrap();
+        for _ in 0..6000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "the binary did not exit within 60 s of {signal}:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
