@@ -61,25 +61,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let addr: SocketAddr = std::env::var("QUICKSTART_ADDR")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        format!("cannot listen on {addr}: {e}; set QUICKSTART_ADDR=127.0.0.1:PORT to use another address")
+    })?;
     let shown = listener.local_addr()?;
-    // Small responses must not wait for Nagle's algorithm and delayed ACKs.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tracing::info!(
         "listening on http://{}  (try: curl http://{}/app/)",
         shown,
         shown
     );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    // Timeouts and a connection cap, which axum::serve does not set: safe to expose.
+    vmproxy::server::Server::new()
+        .serve(listener, app, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     // Leave nothing running behind us.
     handle.stop().await;
     Ok(())
