@@ -251,3 +251,29 @@ async fn a_machine_that_sends_no_response_head_in_time_is_a_504() {
     let (status, _, body) = get_text(addr, "/app/slow-head?ms=10").await;
     assert_eq!((status.as_u16(), body.as_str()), (200, "late"));
 }
+
+#[tokio::test]
+async fn an_http2_scheme_says_nothing_about_the_connection() {
+    use http_body_util::BodyExt;
+    let (addr, _b) = warm_front().await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Cleartext HTTP/2 (prior knowledge) claiming `:scheme https`.
+    let req = http::Request::get("https://front.test/app/h")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(header(&echo, "x-forwarded-proto"), ["http"], "{echo}");
+    assert_eq!(header(&echo, "host"), ["front.test"], "{echo}");
+    let forwarded = header(&echo, "forwarded").join(",");
+    assert!(forwarded.ends_with("proto=http"), "{forwarded}");
+}
