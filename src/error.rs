@@ -60,6 +60,7 @@ enum Kind {
     MethodNotAllowed {
         method: http::Method,
     },
+    UnsupportedTransferCoding,
     ResponseHeaderTimeout {
         after: Duration,
     },
@@ -136,6 +137,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn unsupported_transfer_coding(machine: &str) -> Self {
+        Error {
+            kind: Kind::UnsupportedTransferCoding,
+            machine: machine.into(),
+        }
+    }
+
     pub(crate) fn response_header_timeout(machine: &str, after: Duration) -> Self {
         Error {
             kind: Kind::ResponseHeaderTimeout { after },
@@ -154,6 +162,7 @@ impl Error {
             Kind::BadRequest { .. } | Kind::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Kind::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Kind::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Kind::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -197,7 +206,9 @@ impl Error {
                 headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
             }
             // The connection's state is unknown after a request the proxy could not read.
-            Kind::BadRequestBody { .. } | Kind::RequestBodyTimeout { .. } => {
+            Kind::BadRequestBody { .. }
+            | Kind::RequestBodyTimeout { .. }
+            | Kind::UnsupportedTransferCoding => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
@@ -229,6 +240,10 @@ impl fmt::Display for Error {
             Kind::MethodNotAllowed { method } => write!(
                 f,
                 "{method} is not proxied to machine {m}: it would open a tunnel past the proxy"
+            ),
+            Kind::UnsupportedTransferCoding => write!(
+                f,
+                "request for machine {m}: only the chunked transfer coding is understood"
             ),
             Kind::ResponseHeaderTimeout { after } => write!(
                 f,

@@ -277,3 +277,34 @@ async fn an_http2_scheme_says_nothing_about_the_connection() {
     let forwarded = header(&echo, "forwarded").join(",");
     assert!(forwarded.ends_with("proto=http"), "{forwarded}");
 }
+
+#[tokio::test]
+async fn a_body_framed_two_ways_smuggles_nothing() {
+    let (addr, backend) = warm_front().await;
+    // RFC 9112 §6.3: with Transfer-Encoding and Content-Length together, the chunked framing wins,
+    // Content-Length is dropped before forwarding, and the connection is closed after the
+    // response: what follows the chunked body is read by no one.
+    let res = exchange(
+        addr,
+        b"POST /app/sink HTTP/1.1\r\nHost: front.test\r\nContent-Length: 43\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.matches("HTTP/1.1 ").count(), 1, "{res}");
+    assert_eq!(status(&res), 200, "{res}");
+    assert!(
+        res.ends_with("\r\n\r\n0"),
+        "the machine read the chunked body (empty): {res}"
+    );
+    assert!(res.contains("connection: close"), "{res}");
+    // A transfer coding the proxy cannot pass on decoded: 501 (RFC 9112 §6.1).
+    let res = exchange(
+        addr,
+        b"POST /app/sink HTTP/1.1\r\nHost: front.test\r\nTransfer-Encoding: gzip, chunked\r\n\
+          Connection: close\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 501, "{res}");
+    assert_eq!(backend.starts(), 1);
+}

@@ -116,6 +116,31 @@ pub(crate) fn check_host(headers: &HeaderMap, version: Version) -> Result<(), &'
     }
 }
 
+/// How a request's body is framed, checked before it goes anywhere (RFC 9112 §6). A request with
+/// both `Transfer-Encoding` and `Content-Length` is how requests are smuggled past a proxy that
+/// reads one and a backend that reads the other: refused, as nginx does. A transfer coding other
+/// than `chunked` cannot be passed on decoded: 501 (RFC 9112 §6.1).
+pub(crate) fn check_framing(headers: &HeaderMap) -> Result<(), Framing> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(Framing::Ambiguous);
+    }
+    let mut codings = list_items(headers, &header::TRANSFER_ENCODING);
+    match (codings.next(), codings.next()) {
+        (Some(c), None) if c.eq_ignore_ascii_case("chunked") => Ok(()),
+        _ => Err(Framing::UnknownCoding),
+    }
+}
+
+/// Why a request's body framing is refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Ambiguous,
+    UnknownCoding,
+}
+
 /// What the proxy knows of the request as it arrived.
 pub(crate) struct Arrival<'a> {
     pub(crate) client: Option<SocketAddr>,
@@ -462,6 +487,25 @@ mod tests {
         );
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "spoofed.example");
+    }
+
+    #[test]
+    fn framing_is_one_way_or_refused() {
+        let mut h = HeaderMap::new();
+        assert_eq!(check_framing(&h), Ok(()));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("Chunked"),
+        );
+        assert_eq!(check_framing(&h), Ok(()));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(check_framing(&h), Err(Framing::Ambiguous));
+        h.remove(header::CONTENT_LENGTH);
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert_eq!(check_framing(&h), Err(Framing::UnknownCoding));
     }
 
     #[test]

@@ -92,13 +92,23 @@ where
 }
 
 /// Whether a request for `route` may be forwarded at all: not CONNECT (a tunnel to wherever
-/// the client names), and with the one `Host` RFC 9112 §3.2 asks for.
+/// the client names), with the one `Host` RFC 9112 §3.2 asks for, and a body whose length
+/// cannot be read two ways.
 pub(crate) fn admissible<B>(route: &Route, req: &Request<B>) -> Result<(), Error> {
     let machine = route.lifecycle.name();
     if req.method() == http::Method::CONNECT {
         return Err(Error::method_not_allowed(machine, http::Method::CONNECT));
     }
-    headers::check_host(req.headers(), req.version()).map_err(|e| Error::bad_request(machine, e))
+    headers::check_host(req.headers(), req.version())
+        .map_err(|e| Error::bad_request(machine, e))?;
+    headers::check_framing(req.headers()).map_err(|e| match e {
+        headers::Framing::Ambiguous => Error::bad_request_body(
+            machine,
+            "both Transfer-Encoding and Content-Length: the body's length is ambiguous".into(),
+            false,
+        ),
+        headers::Framing::UnknownCoding => Error::unsupported_transfer_coding(machine),
+    })
 }
 
 /// The request as the machine gets it, and the client's side of an upgrade it asks for and
