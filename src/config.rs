@@ -60,6 +60,9 @@ pub struct Config {
         deserialize_with = "duration"
     )]
     pub request_body_timeout: Duration,
+    /// How long a response may wait for the client to read any of it (default 60 s).
+    #[serde(default = "default_send_timeout", deserialize_with = "duration")]
+    pub send_timeout: Duration,
     /// Connections served at once; more wait in the backlog (default: from the open-file limit).
     pub max_connections: Option<usize>,
     /// The routes, matched in order.
@@ -201,6 +204,7 @@ impl Config {
             ("header_read_timeout", self.header_read_timeout),
             ("keepalive_timeout", self.keepalive_timeout),
             ("request_body_timeout", self.request_body_timeout),
+            ("send_timeout", self.send_timeout),
         ] {
             if timeout.is_zero() {
                 return Err(ConfigFileError::new(t, "must be more than zero"));
@@ -271,7 +275,8 @@ impl Config {
         let server = crate::server::Server::new()
             .header_read_timeout(self.header_read_timeout)
             .keepalive_timeout(self.keepalive_timeout)
-            .request_body_timeout(self.request_body_timeout);
+            .request_body_timeout(self.request_body_timeout)
+            .send_timeout(self.send_timeout);
         match self.max_connections {
             Some(max) => server.max_connections(max),
             None => server,
@@ -388,6 +393,10 @@ fn default_keepalive_timeout() -> Duration {
 
 fn default_request_body_timeout() -> Duration {
     crate::server::REQUEST_BODY_TIMEOUT
+}
+
+fn default_send_timeout() -> Duration {
+    crate::server::SEND_TIMEOUT
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

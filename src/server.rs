@@ -12,6 +12,7 @@
 //! - A request body that sends no byte for `request_body_timeout` fails: the proxy answers 408
 //!   when nothing of the response was sent yet, and the machine's connection is closed, not
 //!   reused.
+//! - A client that reads nothing of its response for `send_timeout` is disconnected.
 //! - At most `max_connections` connections are served at once; more wait in the listen backlog
 //!   until one closes, while the others are served as usual.
 //! - An upgraded connection (WebSocket) is the application's from then on: none of these
@@ -74,6 +75,7 @@ pub struct Server {
     header_read_timeout: Duration,
     keepalive_timeout: Duration,
     request_body_timeout: Duration,
+    send_timeout: Duration,
     max_connections: Option<usize>,
 }
 
@@ -87,18 +89,21 @@ impl Default for Server {
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Descriptors kept back from the connection cap: the listener, logs, the machines' processes.
 const RESERVED_FDS: u64 = 64;
 
 impl Server {
     /// A server with the defaults: 30 s to send a request head, 60 s idle keep-alive, 60 s
-    /// between request-body bytes, and a connection cap derived from the open-file limit.
+    /// between request-body bytes, 60 s for a stalled response write, and a connection cap
+    /// derived from the open-file limit.
     pub fn new() -> Self {
         Server {
             header_read_timeout: HEADER_READ_TIMEOUT,
             keepalive_timeout: KEEPALIVE_TIMEOUT,
             request_body_timeout: REQUEST_BODY_TIMEOUT,
+            send_timeout: SEND_TIMEOUT,
             max_connections: None,
         }
     }
@@ -119,6 +124,13 @@ impl Server {
     /// How long a request body may go without sending a byte (default: 60 s).
     pub fn request_body_timeout(mut self, timeout: Duration) -> Self {
         self.request_body_timeout = timeout;
+        self
+    }
+
+    /// How long a response may wait for the client to read any of it before the connection is
+    /// closed: a client that stops reading (a slow-read attack) cannot hold it (default: 60 s).
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
         self
     }
 
@@ -153,6 +165,7 @@ impl Server {
             header_read_timeout = ?self.header_read_timeout,
             keepalive_timeout = ?self.keepalive_timeout,
             request_body_timeout = ?self.request_body_timeout,
+            send_timeout = ?self.send_timeout,
             "serving"
         );
         let slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
@@ -281,6 +294,9 @@ struct Connection {
     /// The client spoke HTTP/2 (its preface begins with `PRI`).
     h2: Option<bool>,
     expired: bool,
+    /// The last write could not go out: the client is not reading. Made on the first stall.
+    write_timer: Option<Pin<Box<Sleep>>>,
+    write_stalled: bool,
 }
 
 impl Connection {
@@ -301,6 +317,8 @@ impl Connection {
             head_started: None,
             h2: None,
             expired: false,
+            write_timer: None,
+            write_stalled: false,
         }
     }
 }
@@ -403,13 +421,44 @@ impl AsyncRead for Connection {
 const REQUEST_TIMEOUT_RESPONSE: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+impl Connection {
+    /// A client that reads nothing of its response for `send_timeout` is gone or attacking
+    /// (a slow read): the write fails and the connection is closed.
+    fn write_progress(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if written.is_ready() || self.state.upgraded.load(Ordering::Acquire) {
+            self.write_stalled = false;
+            return written;
+        }
+        let deadline = Instant::now() + self.limits.send_timeout;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.write_stalled {
+            self.write_stalled = true;
+            timer.as_mut().reset(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        debug!("the client read nothing for send_timeout: closing");
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing of its response for send_timeout",
+        )))
+    }
+}
+
 impl AsyncWrite for Connection {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.write_progress(cx, written)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -425,7 +474,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.write_progress(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -203,3 +203,41 @@ async fn an_upgraded_connection_outlives_the_keepalive_timeout() {
         .unwrap();
     assert_eq!(echoed, Message::text("still there"));
 }
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_off_and_frees_the_machine() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    handle.start().await.unwrap();
+    let app = front_app(vmproxy::VmProxyLayer::new(route));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = vmproxy::server::Server::new().send_timeout(Duration::from_millis(300));
+    tokio::spawn(server.serve(listener, app, std::future::pending()));
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /app/big?mib=64 HTTP/1.1\r\nHost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    // A slow read: nothing is read while the socket buffers fill and stay full, until the
+    // response is given up and the machine no longer counts it.
+    eventually(Duration::from_secs(10), || handle.in_flight() == 1).await;
+    eventually(Duration::from_secs(10), || handle.in_flight() == 0).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(read_all.is_ok(), "the connection was still open");
+    assert!(
+        got < 64 << 20,
+        "the whole response waited for the reader ({got} bytes)"
+    );
+}
