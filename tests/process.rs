@@ -29,6 +29,60 @@ fn python_backend() -> Arc<ProcessBackend> {
     )
 }
 
+/// A file in the temp dir for this test, removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> Self {
+        TempFile(std::env::temp_dir().join(format!("vmproxy-test-{}-{name}", std::process::id())))
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// SIGKILLs a process the test found, if it is still alive when the guard drops (so that a
+/// failed assertion leaves nothing running behind).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Waits up to `limit` for `pid` to be gone; true if it is.
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Waits up to 10 s for `file` to hold a pid.
+fn pid_in(file: &TempFile) -> u32 {
+    for _ in 0..1000 {
+        if let Ok(pid) = file.read().trim().parse() {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no pid in {:?}", file.0);
+}
+
 fn python_route(backend: Arc<ProcessBackend>) -> Route {
     Route::builder("/", backend)
         .health_path("/")
@@ -110,4 +164,113 @@ fn no_process_outlives_the_proxy_when_it_is_dropped() {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("process {pid} outlived the proxy");
+}
+
+#[test]
+fn a_descendant_that_left_the_process_group_dies_with_the_backend() {
+    // A daemon's way out of the group: its own session. It is re-parented when the shell dies.
+    let pidfile = TempFile::new("setsid.pid");
+    let backend = Arc::new(
+        ProcessBackend::new([
+            "sh",
+            "-c",
+            r#"setsid python3 -m http.server "$PORT" --bind 127.0.0.1 & echo $! > "$PIDFILE"; wait"#,
+        ])
+        .unwrap()
+        .env("PIDFILE", pidfile.0.to_string_lossy())
+        .quiet(true),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let shell = rt.block_on(async {
+        python_route(backend.clone())
+            .handle()
+            .start()
+            .await
+            .unwrap();
+        backend.pid().await.unwrap()
+    });
+    let server = pid_in(&pidfile);
+    let _guards = (KillOnDrop(server), KillOnDrop(shell));
+    assert!(alive(server));
+    drop(rt);
+    drop(backend);
+    assert!(
+        gone_within(shell, Duration::from_secs(5)),
+        "the command outlived its backend"
+    );
+    assert!(
+        gone_within(server, Duration::from_secs(5)),
+        "a descendant in a session of its own outlived the backend"
+    );
+}
+
+#[tokio::test]
+async fn stop_sends_one_sigterm_to_the_whole_group_and_waits_for_it() {
+    let pidfile = TempFile::new("graceful.pid");
+    let marks = TempFile::new("graceful.marks");
+    let backend = Arc::new(
+        ProcessBackend::new([
+            "sh",
+            "-c",
+            r#"trap 'echo TERM >> "$MARKS"; exit 0' TERM
+python3 -m http.server "$PORT" --bind 127.0.0.1 & echo $! > "$PIDFILE"; wait"#,
+        ])
+        .unwrap()
+        .env("PIDFILE", pidfile.0.to_string_lossy())
+        .env("MARKS", marks.0.to_string_lossy())
+        .quiet(true)
+        .stop_grace(Duration::from_secs(20)),
+    );
+    let route = python_route(backend.clone());
+    let handle = route.handle();
+    handle.start().await.unwrap();
+    let shell = backend.pid().await.unwrap();
+    let server = pid_in(&pidfile);
+    let _guards = (KillOnDrop(server), KillOnDrop(shell));
+
+    let began = std::time::Instant::now();
+    handle.stop().await;
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "stop waited for the SIGKILL: the group did not get SIGTERM"
+    );
+    assert_eq!(
+        marks.read(),
+        "TERM\n",
+        "exactly one SIGTERM reaches the command"
+    );
+    assert!(!alive(shell));
+    assert!(gone_within(server, Duration::from_secs(5)));
+}
+
+#[test]
+fn the_command_outlives_the_thread_that_started_it() {
+    // The kernel's parent-death signal fires when the *thread* that forked ends, not only the
+    // process: the machine must survive a runtime on a thread of its own that has finished.
+    let backend = python_backend();
+    let route = python_route(backend.clone());
+    let pid = std::thread::spawn({
+        let (backend, handle) = (backend.clone(), route.handle());
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                handle.start().await.unwrap();
+                backend.pid().await.unwrap()
+            })
+        }
+    })
+    .join()
+    .unwrap();
+    let _guard = KillOnDrop(pid);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pid),
+        "the command died with the thread that started it"
+    );
+    drop(route);
+    drop(backend);
+    assert!(gone_within(pid, Duration::from_secs(5)));
 }
