@@ -11,7 +11,7 @@ use http::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vmproxy::backend::process::ProcessBackend;
-use vmproxy::{Route, State};
+use vmproxy::{Route, RouteBuilder, State};
 
 fn python_backend() -> Arc<ProcessBackend> {
     Arc::new(
@@ -83,24 +83,31 @@ fn pid_in(file: &TempFile) -> u32 {
     panic!("no pid in {:?}", file.0);
 }
 
-fn python_route(backend: Arc<ProcessBackend>) -> Route {
+fn python_route_builder(backend: Arc<ProcessBackend>) -> RouteBuilder {
     Route::builder("/", backend)
         .health_path("/")
         .probe_interval(Duration::from_millis(10), Duration::from_millis(50))
-        .build()
-        .unwrap()
+}
+
+fn python_route(backend: Arc<ProcessBackend>) -> Route {
+    python_route_builder(backend).build().unwrap()
 }
 
 #[tokio::test]
 async fn a_process_killed_from_outside_is_started_again() {
     let backend = python_backend();
-    let route = python_route(backend.clone());
+    let route = python_route_builder(backend.clone())
+        .min_uptime(Duration::from_millis(200))
+        .build()
+        .unwrap();
     let handle = route.handle();
     let addr = front(route).await;
 
     let (status, _, _) = get_text(addr, "/").await;
     assert_eq!(status, StatusCode::OK);
     let first = backend.pid().await.expect("running");
+    // Up longer than min_uptime: killed, not crash-looping.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     eventually(Duration::from_secs(5), || !alive(first)).await;
 
@@ -127,6 +134,51 @@ async fn a_crash_during_boot_fails_the_start_quickly() {
     let (status, _, body) = get_text(addr, "/x").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("went down while starting"), "{body}");
+}
+
+#[tokio::test]
+async fn a_process_that_exits_after_answering_once_is_not_restarted_by_every_request() {
+    // Serves the readiness probe and one request, then exits at once (no interpreter shutdown
+    // with the socket already closed): a crash loop.
+    let backend = ProcessBackend::new([
+        "python3",
+        "-c",
+        "import http.server, os\n\
+         s = http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), \
+         http.server.SimpleHTTPRequestHandler)\n\
+         s.handle_request()\n\
+         s.handle_request()\n\
+         os._exit(0)\n",
+    ])
+    .unwrap()
+    .quiet(true);
+    let route = Route::builder("/", backend)
+        .health_path("/")
+        .probe_interval(Duration::from_millis(10), Duration::from_millis(50))
+        .start_backoff(Duration::from_millis(300), Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+
+    let (status, _, body) = get_text(addr, "/").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // (A request that connects while the process is on its way out gets 502.)
+    let State::Running(ep) = handle.state() else {
+        panic!("not running: {:?}", handle.state());
+    };
+    until_refused(ep.addr()).await;
+    let (status, headers, body) = get_text(addr, "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(body.contains("after becoming ready"), "{body}");
+    assert_eq!(handle.state(), State::Absent);
+
+    // After the back-off it is started again.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let (status, _, body) = get_text(addr, "/").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    handle.stop().await;
 }
 
 #[tokio::test]
