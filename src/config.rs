@@ -100,6 +100,9 @@ pub struct RouteConfig {
     /// Keep X-Forwarded-Proto/-Host from a trusted front (default false).
     #[serde(default)]
     pub trust_forwarded_headers: bool,
+    /// A machine lost sooner than this after becoming ready counts as a failed start (default "10s").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub min_uptime: Option<Duration>,
     /// Protocols a client may switch to with `Upgrade` (default `["websocket"]`).
     pub upgrades: Option<Vec<String>>,
     /// How long the machine may take to start its response once it has the request (default: no limit).
@@ -325,6 +328,9 @@ impl RouteConfig {
         }
         if let Some(n) = self.max_pending {
             builder = builder.max_pending(n);
+        }
+        if let Some(d) = self.min_uptime {
+            builder = builder.min_uptime(d);
         }
         if let Some(up) = &self.upgrades {
             builder = builder.upgrades(up.iter().cloned());

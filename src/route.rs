@@ -114,6 +114,7 @@ pub struct RouteBuilder {
     max_pending: usize,
     start_backoff: Duration,
     max_start_backoff: Duration,
+    min_uptime: Duration,
     probe_initial: Duration,
     probe_max: Duration,
     probe_attempt_timeout: Duration,
@@ -147,6 +148,7 @@ impl RouteBuilder {
             max_pending: 10_000,
             start_backoff: Duration::from_secs(1),
             max_start_backoff: Duration::from_secs(60),
+            min_uptime: Duration::from_secs(10),
             probe_initial: Duration::from_millis(25),
             probe_max: Duration::from_millis(150),
             probe_attempt_timeout: Duration::from_secs(2),
@@ -215,6 +217,18 @@ impl RouteBuilder {
     pub fn start_backoff(mut self, first: Duration, max: Duration) -> Self {
         self.start_backoff = first;
         self.max_start_backoff = max;
+        self
+    }
+
+    /// A machine lost (found exited, stopped or deleted by a connect error's status check or the
+    /// periodic one) within this long of becoming ready counts as a failed start: the
+    /// [start back-off](Self::start_backoff) applies, and requests in the pause get 503 with
+    /// `Retry-After` and the reason, instead of a crash-looping machine being restarted by every
+    /// request. A machine lost after a longer uptime is started again by the next request. The
+    /// back-off keeps doubling until a run lasts this long (or ends by a stop from this proxy).
+    /// Zero turns the rule off (default: 10 s).
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.min_uptime = uptime;
         self
     }
 
@@ -353,6 +367,7 @@ impl RouteBuilder {
                 idle_timeout,
                 start_backoff: self.start_backoff,
                 max_start_backoff: self.max_start_backoff,
+                min_uptime: self.min_uptime,
             },
             Timings {
                 cold_start_timeout: self.cold_start_timeout,

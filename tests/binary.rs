@@ -163,7 +163,11 @@ impl Drop for Running {
 }
 
 fn start_binary() -> Running {
-    let config = write_config(GOOD);
+    start_binary_with(GOOD)
+}
+
+fn start_binary_with(config: &str) -> Running {
+    let config = write_config(config);
     let pidfile = std::env::temp_dir().join(format!(
         "vmproxy-test-{}-{:?}.pid",
         std::process::id(),
@@ -209,6 +213,30 @@ fn backend_pid(r: &Running) -> i32 {
     std::fs::read_to_string(&r.pidfile)
         .unwrap()
         .trim()
+        .parse()
+        .unwrap()
+}
+
+/// SIGKILLs a process the test found, if it is still alive when the guard drops (so that a
+/// failed assertion leaves nothing running behind).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if common::alive(self.0 as u32) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = stat.rsplit(')').next().unwrap();
+    after_name
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
         .parse()
         .unwrap()
 }
@@ -264,5 +292,39 @@ async fn the_backend_dies_with_a_killed_proxy() {
     assert!(
         wait_gone(pid).await,
         "the backend process outlived a SIGKILLed proxy"
+    );
+}
+
+#[tokio::test]
+async fn the_backends_descendants_die_with_a_killed_proxy() {
+    // The server is not the command itself but a child of the shell that the command is: only
+    // the command had a parent-death signal of its own.
+    let exec_in_place =
+        r#"echo $$ > \"$PIDFILE\"; exec python3 -m http.server {port} --bind 127.0.0.1"#;
+    let forking =
+        r#"python3 -m http.server {port} --bind 127.0.0.1 & echo $! > \"$PIDFILE\"; wait"#;
+    assert!(GOOD.contains(exec_in_place));
+    let r = start_binary_with(&GOOD.replace(exec_in_place, forking));
+    let (status, _, body) = common::get_text(r.addr, "/app/").await;
+    assert_eq!(status, 200, "{body}");
+    let server = backend_pid(&r);
+    let _guard = KillOnDrop(server);
+    let shell = parent_of(server);
+    let _shell_guard = KillOnDrop(shell);
+    assert_ne!(
+        shell,
+        r.child.id() as i32,
+        "the server must be a grandchild of the proxy"
+    );
+    assert!(common::alive(server as u32));
+
+    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        wait_gone(server).await,
+        "the backend command's child outlived a SIGKILLed proxy"
+    );
+    assert!(
+        wait_gone(shell).await,
+        "the backend command outlived a SIGKILLed proxy"
     );
 }

@@ -267,12 +267,17 @@ async fn a_request_during_stopping_waits_and_is_served_after_a_restart() {
 #[tokio::test]
 async fn a_vanished_machine_is_started_again_and_the_request_retried() {
     let backend = FakeBackend::new(Duration::ZERO);
-    let route = route(backend.clone()).build().unwrap();
+    let route = route(backend.clone())
+        .min_uptime(Duration::from_millis(200))
+        .build()
+        .unwrap();
     let handle = route.handle();
     let addr = front(route).await;
     assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
     let first = backend.addr().unwrap();
 
+    // Up longer than min_uptime: not a crash loop.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     backend.vanish(); // preempted, killed from outside: no stop call, connections refused
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (status, _, body) = get_text(addr, "/app/after").await;
@@ -283,6 +288,67 @@ async fn a_vanished_machine_is_started_again_and_the_request_retried() {
     );
     assert_eq!(backend.starts(), 2);
     assert_ne!(backend.addr().unwrap(), first, "served at the new address");
+    assert!(matches!(handle.state(), State::Running(_)));
+}
+
+#[tokio::test]
+async fn a_machine_that_dies_right_after_becoming_ready_is_a_failed_start() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone())
+        .start_backoff(Duration::from_millis(400), Duration::from_secs(5))
+        .min_uptime(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+    assert_eq!(get_text(addr, "/app/x").await.0, StatusCode::OK);
+
+    // It answers once and dies: the next request gets 503 with the reason, not a new start.
+    let first = backend.addr().unwrap();
+    backend.vanish();
+    until_refused(first).await;
+    let (status, headers, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers["retry-after"], "1");
+    assert!(
+        body.contains("machine fake failed to start: it went down")
+            && body.contains("after becoming ready"),
+        "{body}"
+    );
+    assert_eq!(backend.starts(), 1, "no restart during the back-off");
+    assert_eq!(handle.state(), State::Absent);
+    let (status, _, _) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(backend.starts(), 1);
+
+    // After the back-off: started again, and served.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (status, _, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(backend.starts(), 2);
+
+    // Dies right away again: the pause doubles (800 ms), so 450 ms later it is still refused.
+    let second = backend.addr().unwrap();
+    backend.vanish();
+    until_refused(second).await;
+    let (status, _, _) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (status, _, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(backend.starts(), 2);
+
+    // And recovers once the pause is over.
+    let mut served = false;
+    for _ in 0..100 {
+        if get_text(addr, "/app/x").await.0 == StatusCode::OK {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "never served again");
+    assert_eq!(backend.starts(), 3);
     assert!(matches!(handle.state(), State::Running(_)));
 }
 

@@ -43,6 +43,9 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) start_backoff: Duration,
     pub(crate) max_start_backoff: Duration,
+    /// A machine lost within this long of becoming ready counts as a failed start (a crash
+    /// loop); zero turns the rule off.
+    pub(crate) min_uptime: Duration,
 }
 
 /// I/O the driver must perform after a decision.
@@ -121,6 +124,8 @@ pub(crate) struct Machine {
     last_active: Instant,
     /// Failed starts so far; waiters compare it with their ticket.
     failures: u64,
+    /// Failed starts since the machine last ran healthily (for `min_uptime`, or until we stopped
+    /// it): the exponent of the back-off.
     consecutive_failures: u32,
     last_failure: Option<Arc<BoxError>>,
     backoff_until: Option<Instant>,
@@ -134,6 +139,8 @@ pub(crate) struct Machine {
     stopping_endpoint: Option<Endpoint>,
     /// Increments every time the machine becomes Running.
     generation: u64,
+    /// When the machine last became ready (a failed stop that keeps it does not move this).
+    ready_at: Instant,
     /// When this proxy last told the backend it served traffic.
     last_recorded: Option<Instant>,
 }
@@ -156,6 +163,7 @@ impl Machine {
             suspect: false,
             stopping_endpoint: None,
             generation: 0,
+            ready_at: now,
             last_recorded: None,
         }
     }
@@ -197,6 +205,20 @@ impl Machine {
 
     pub(crate) fn pending(&self) -> usize {
         self.pending
+    }
+
+    /// Failed starts so far.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// The last failed start's error, and how long starts still back off from `now`.
+    pub(crate) fn last_failure(&self, now: Instant) -> Option<(Arc<BoxError>, Duration)> {
+        let error = self.last_failure.clone()?;
+        let left = self
+            .backoff_until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        Some((error, left))
     }
 
     fn set(&mut self, state: State, now: Instant) {
@@ -275,7 +297,9 @@ impl Machine {
         self.set(State::Running(ep), now);
         self.generation += 1;
         self.last_active = now;
-        self.consecutive_failures = 0;
+        self.ready_at = now;
+        // The failure count is kept until the run proves healthy (see `gone` and `begin_stop`):
+        // a machine that dies right after every start backs off exponentially.
         self.backoff_until = None;
         self.suspect = false;
         if std::mem::take(&mut self.stop_after_start) {
@@ -288,10 +312,16 @@ impl Machine {
     pub(crate) fn start_failed(&mut self, error: Arc<BoxError>, now: Instant) {
         debug_assert_eq!(self.state, State::Creating);
         self.set(State::Absent, now);
+        self.stop_after_start = false;
+        self.fail(error, now);
+    }
+
+    /// A failed start (or a machine lost right after it): every waiter gets the error, and
+    /// starts back off, 1, 2, 4… times `start_backoff` up to `max_start_backoff`.
+    fn fail(&mut self, error: Arc<BoxError>, now: Instant) {
         self.failures += 1;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         self.last_failure = Some(error);
-        self.stop_after_start = false;
         let exp = self.consecutive_failures.saturating_sub(1).min(16);
         let backoff = self
             .limits
@@ -338,6 +368,8 @@ impl Machine {
     pub(crate) fn begin_stop(&mut self, now: Instant) -> Action {
         match self.state {
             State::Running(ep) => {
+                // Taken down by us, not lost: the run did not fail.
+                self.consecutive_failures = 0;
                 self.set(State::Stopping, now);
                 self.suspect = false;
                 self.stopping_endpoint = Some(ep);
@@ -415,12 +447,23 @@ impl Machine {
 
     /// The machine at `ep` is gone (preempted, deleted, exited): forget it; the next request, or a
     /// waiting one, starts it again.
+    ///
+    /// Unless it was lost within `min_uptime` of becoming ready: then it counts as a failed start
+    /// (a crash loop), so waiters get the error and starts back off instead of one restart per
+    /// request.
     pub(crate) fn gone(&mut self, ep: Endpoint, now: Instant) -> Action {
         if self.state != State::Running(ep) {
             return Action::None;
         }
         self.suspect = false;
         self.set(State::Absent, now);
+        let uptime = now.saturating_duration_since(self.ready_at);
+        if uptime < self.limits.min_uptime {
+            let error = format!("it went down {} after becoming ready", short(uptime));
+            self.fail(Arc::new(error.into()), now);
+            return Action::None;
+        }
+        self.consecutive_failures = 0;
         self.restart_if_wanted(now)
     }
 
@@ -431,6 +474,15 @@ impl Machine {
         } else {
             Action::None
         }
+    }
+}
+
+/// A short duration for a message: "350 ms", "2.5 s".
+fn short(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
     }
 }
 
@@ -456,6 +508,7 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(60)),
             start_backoff: Duration::from_secs(1),
             max_start_backoff: Duration::from_secs(8),
+            min_uptime: Duration::from_secs(10),
         }
     }
 
@@ -715,12 +768,14 @@ mod tests {
             m.idle(t + Duration::from_secs(3600)),
             Idle::At(t + Duration::from_secs(3660))
         );
-        assert_eq!(m.gone(ep(1), t), Action::Start);
-        let _ = m.start_succeeded(ep(2), t);
-        assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(2)));
+        // Gone after a healthy uptime: started again at once for the waiter.
+        let up = t + Duration::from_secs(10);
+        assert_eq!(m.gone(ep(1), up), Action::Start);
+        let _ = m.start_succeeded(ep(2), up);
+        assert!(matches!(m.claim(a, up), Claim::Ready(e) if e == ep(2)));
         // A stale report about the old endpoint changes nothing.
         assert!(!m.suspect(ep(1)));
-        assert_eq!(m.gone(ep(1), t), Action::None);
+        assert_eq!(m.gone(ep(1), up), Action::None);
     }
 
     #[test]
@@ -743,9 +798,140 @@ mod tests {
         let _ = wait(m.admit(t));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
-        assert_eq!(m.gone(ep(1), t), Action::None);
+        let up = t + Duration::from_secs(10);
+        assert_eq!(m.gone(ep(1), up), Action::None);
         assert_eq!(m.state(), State::Absent);
-        let (_, act) = wait(m.admit(t));
-        assert_eq!(act, Action::Start, "no back-off after a machine went away");
+        let (_, act) = wait(m.admit(up));
+        assert_eq!(
+            act,
+            Action::Start,
+            "no back-off after a machine went away after a healthy run"
+        );
+    }
+
+    /// Starts the machine at `now` for one request, which is served and done.
+    fn run(m: &mut Machine, at: Endpoint, now: Instant) {
+        let (ticket, act) = wait(m.admit(now));
+        assert_eq!(act, Action::Start);
+        assert_eq!(m.start_succeeded(at, now), Action::None);
+        assert!(matches!(m.claim(ticket, now), Claim::Ready(e) if e == at));
+        assert_eq!(m.release(now), Action::None);
+    }
+
+    fn backing_off(m: &mut Machine, now: Instant) -> (String, Duration) {
+        match m.admit(now) {
+            Admit::Reject(Reject::BackingOff { error, retry_after }) => {
+                (error.to_string(), retry_after)
+            }
+            other => panic!("expected a back-off, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_machine_lost_right_after_ready_is_a_failed_start() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        // The next request finds it unreachable and waits for the status check.
+        let lost = t + Duration::from_millis(300);
+        assert!(m.suspect(ep(1)));
+        let (waiter, act) = wait(m.admit(lost));
+        assert_eq!(act, Action::None);
+        assert_eq!(
+            m.gone(ep(1), lost),
+            Action::None,
+            "no restart with a request waiting"
+        );
+        assert_eq!(m.state(), State::Absent);
+        match m.claim(waiter, lost) {
+            Claim::Failed { error, retry_after } => {
+                assert_eq!(
+                    error.to_string(),
+                    "it went down 300 ms after becoming ready"
+                );
+                assert_eq!(retry_after, Duration::from_secs(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.pending(), 0);
+        // In the pause: refused with the reason.
+        let (why, after) = backing_off(&mut m, lost + Duration::from_millis(400));
+        assert!(why.contains("300 ms after becoming ready"), "{why}");
+        assert_eq!(after, Duration::from_millis(600));
+        // After it: a new start, which can succeed.
+        run(&mut m, ep(2), lost + Duration::from_secs(1));
+        assert_eq!(m.state(), State::Running(ep(2)));
+    }
+
+    #[test]
+    fn a_crash_loop_backs_off_exponentially_until_a_healthy_run() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let mut now = t;
+        for (i, pause) in [1, 2, 4, 8, 8].into_iter().enumerate() {
+            run(&mut m, ep(1), now);
+            now += Duration::from_secs(2);
+            assert_eq!(m.gone(ep(1), now), Action::None, "crash {i}");
+            let (why, after) = backing_off(&mut m, now);
+            assert!(why.contains("2.0 s after becoming ready"), "{why}");
+            assert_eq!(after, Duration::from_secs(pause), "crash {i}");
+            now += after;
+        }
+        // Up for min_uptime: lost like any machine, started again at once, and the count is
+        // reset so that the next early crash pauses 1 s again.
+        run(&mut m, ep(1), now);
+        now += Duration::from_secs(10);
+        assert_eq!(m.gone(ep(1), now), Action::None);
+        run(&mut m, ep(1), now);
+        now += Duration::from_secs(1);
+        let _ = m.gone(ep(1), now);
+        assert_eq!(backing_off(&mut m, now).1, Duration::from_secs(1));
+        // A machine we stopped did not fail either: the count starts over.
+        now += Duration::from_secs(1);
+        run(&mut m, ep(1), now);
+        let _ = m.gone(ep(1), now);
+        assert_eq!(backing_off(&mut m, now).1, Duration::from_secs(2));
+        now += Duration::from_secs(2);
+        run(&mut m, ep(1), now);
+        assert_eq!(m.begin_stop(now), Action::Stop);
+        assert_eq!(m.stop_done(now), Action::None);
+        run(&mut m, ep(1), now);
+        let _ = m.gone(ep(1), now);
+        assert_eq!(backing_off(&mut m, now).1, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_start_failure_after_a_crash_loop_keeps_backing_off() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        let _ = m.gone(ep(1), t);
+        let now = t + Duration::from_secs(1);
+        let (_, act) = wait(m.admit(now));
+        assert_eq!(act, Action::Start);
+        m.start_failed(err("boom"), now);
+        m.abandon();
+        assert_eq!(
+            backing_off(&mut m, now),
+            ("boom".to_owned(), Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn min_uptime_zero_turns_the_rule_off() {
+        let t = Instant::now();
+        let mut m = Machine::new(
+            Limits {
+                min_uptime: Duration::ZERO,
+                ..limits()
+            },
+            t,
+        );
+        run(&mut m, ep(1), t);
+        assert!(m.suspect(ep(1)));
+        let (waiter, _) = wait(m.admit(t));
+        assert_eq!(m.gone(ep(1), t), Action::Start, "restarted for the waiter");
+        let _ = m.start_succeeded(ep(2), t);
+        assert!(matches!(m.claim(waiter, t), Claim::Ready(e) if e == ep(2)));
     }
 }

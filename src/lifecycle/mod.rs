@@ -260,7 +260,17 @@ impl Lifecycle {
             }
             Ok(other) => {
                 warn!(machine = %self.name, %ep, status = ?other, "machine is no longer running");
-                let action = self.decide("machine gone", |m, now| m.gone(ep, now));
+                let (action, failed) = self.decide("machine gone", |m, now| {
+                    let before = m.failures();
+                    let action = m.gone(ep, now);
+                    let failed = (m.failures() != before)
+                        .then(|| m.last_failure(now))
+                        .flatten();
+                    (action, failed)
+                });
+                if let Some((error, pause)) = failed {
+                    warn!(machine = %self.name, %error, ?pause, "lost soon after becoming ready: counted as a failed start; starts back off");
+                }
                 self.act(action);
                 false
             }

@@ -381,6 +381,17 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until nothing listens at `addr` any more (connections refused); panics after 5 s.
+pub async fn until_refused(addr: SocketAddr) {
+    for _ in 0..500 {
+        if TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{addr} still accepts connections");
+}
+
 /// Whether `pid` is a live process (a zombie awaiting its reaper counts as gone).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
