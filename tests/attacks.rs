@@ -55,13 +55,6 @@ fn echo(response: &str) -> serde_json::Value {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("no echo ({e}): {response}"))
 }
 
-fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
-    echo["headers"][name]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn an_h2c_upgrade_is_never_a_tunnel() {
     let (addr, _b) = warm_front().await;

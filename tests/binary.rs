@@ -2,50 +2,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary::{check, Proxy, TempFile, BIN};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmproxy");
-
-fn write_config(text: &str) -> tempfile_path::TempPath {
-    tempfile_path::TempPath::new(text)
-}
-
-/// A config file in the system temp dir, removed on drop.
-mod tempfile_path {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    pub struct TempPath(PathBuf);
-
-    impl TempPath {
-        pub fn new(text: &str) -> Self {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "vmproxy-test-{}-{}.toml",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            std::fs::write(&path, text).unwrap();
-            TempPath(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
 
 const GOOD: &str = r#"
 listen = "127.0.0.1:0"
@@ -63,20 +24,6 @@ max_pending = 100
 command = ["sh", "-c", "echo $$ > \"$PIDFILE\"; exec python3 -m http.server {port} --bind 127.0.0.1"]
 stop_grace = "2s"
 "#;
-
-fn check(text: &str) -> (i32, String) {
-    let file = write_config(text);
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(file.path())
-        .arg("--check")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn bad_configs_exit_2_naming_the_key() {
@@ -137,8 +84,8 @@ fn bad_configs_exit_2_naming_the_key() {
 fn an_unusable_listen_address_exits_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let file = write_config(&GOOD.replace("127.0.0.1:0", &addr.to_string()));
-    let out = Command::new(BIN)
+    let file = TempFile::new(&GOOD.replace("127.0.0.1:0", &addr.to_string()));
+    let out = std::process::Command::new(BIN)
         .arg("--config")
         .arg(file.path())
         .output()
@@ -147,17 +94,15 @@ fn an_unusable_listen_address_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 }
 
+/// The binary serving `config`, its backend command writing its pid to a file of its own.
 struct Running {
-    child: Child,
-    addr: SocketAddr,
+    proxy: Proxy,
+    addr: std::net::SocketAddr,
     pidfile: std::path::PathBuf,
-    _config: tempfile_path::TempPath,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.pidfile);
     }
 }
@@ -167,46 +112,17 @@ fn start_binary() -> Running {
 }
 
 fn start_binary_with(config: &str) -> Running {
-    let config = write_config(config);
     let pidfile = std::env::temp_dir().join(format!(
         "vmproxy-test-{}-{:?}.pid",
         std::process::id(),
         std::thread::current().id()
     ));
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(config.path())
-        .env("PIDFILE", &pidfile)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The log line `listening addr=127.0.0.1:PORT` gives the port picked for port 0.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                let addr = addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':');
-                if let Ok(a) = addr.parse::<SocketAddr>() {
-                    let _ = tx.send(a);
-                }
-            }
-        }
-    });
-    // The guard kills the binary if the test fails from here on: nothing outlives the test.
-    let mut running = Running {
-        child,
-        addr: ([127, 0, 0, 1], 0).into(),
+    let proxy = Proxy::start(config, &[("PIDFILE", pidfile.to_str().unwrap())]);
+    Running {
+        addr: proxy.addr,
+        proxy,
         pidfile,
-        _config: config,
-    };
-    running.addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the binary did not say where it listens");
-    running
+    }
 }
 
 fn backend_pid(r: &Running) -> i32 {
@@ -268,14 +184,8 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
     let pid = backend_pid(&r);
     assert!(common::alive(pid as u32));
 
-    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::task::spawn_blocking(move || {
-        let s = r.child.wait().unwrap();
-        (s, r)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.0.code(), Some(0), "SIGTERM must exit 0");
+    let code = r.proxy.signal_and_wait(Signal::SIGTERM).await;
+    assert_eq!(code, Some(0), "SIGTERM must exit 0:\n{}", r.proxy.log());
     assert!(
         wait_gone(pid).await,
         "the backend process outlived the proxy"
@@ -288,7 +198,7 @@ async fn the_backend_dies_with_a_killed_proxy() {
     let (status, _, _) = common::get_text(r.addr, "/app/").await;
     assert_eq!(status, 200);
     let pid = backend_pid(&r);
-    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL).unwrap();
+    kill(r.proxy.pid(), Signal::SIGKILL).unwrap();
     assert!(
         wait_gone(pid).await,
         "the backend process outlived a SIGKILLed proxy"
@@ -313,12 +223,12 @@ async fn the_backends_descendants_die_with_a_killed_proxy() {
     let _shell_guard = KillOnDrop(shell);
     assert_ne!(
         shell,
-        r.child.id() as i32,
+        r.proxy.pid().as_raw(),
         "the server must be a grandchild of the proxy"
     );
     assert!(common::alive(server as u32));
 
-    kill(Pid::from_raw(r.child.id() as i32), Signal::SIGKILL).unwrap();
+    kill(r.proxy.pid(), Signal::SIGKILL).unwrap();
     assert!(
         wait_gone(server).await,
         "the backend command's child outlived a SIGKILLed proxy"
@@ -326,5 +236,31 @@ async fn the_backends_descendants_die_with_a_killed_proxy() {
     assert!(
         wait_gone(shell).await,
         "the backend command outlived a SIGKILLed proxy"
+    );
+}
+
+#[test]
+fn configs_that_cannot_serve_exit_2_and_a_portless_command_warns() {
+    let no_route = "listen = \"127.0.0.1:0\"\n";
+    let hidden = format!("{GOOD}\n[[route]]\npath = \"/app/admin\"\n[route.process]\ncommand = [\"true\", \"{{port}}\"]\n");
+    let no_dir = GOOD.replace("stop_grace", "cwd = \"/no/such/dir\"\nstop_grace");
+    for (text, key) in [
+        (no_route.to_owned(), "route"),
+        (hidden, "route[1].path"),
+        (no_dir, "route[0].process.cwd"),
+    ] {
+        let (code, stderr) = check(&text);
+        assert_eq!(code, 2, "{key}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "the message must name {key}: {stderr}"
+        );
+    }
+    let portless = GOOD.replace("http.server {port} --bind", "http.server 8000 --bind");
+    let (code, stderr) = check(&portless);
+    assert_eq!(code, 0, "a warning, not an error: {stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("route[0].process.command"),
+        "{stderr}"
     );
 }

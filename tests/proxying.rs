@@ -27,13 +27,6 @@ async fn echo_of(addr: SocketAddr, req: Request<Empty<Bytes>>) -> serde_json::Va
     serde_json::from_slice(&body).unwrap()
 }
 
-fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
-    echo["headers"][name]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn hop_by_hop_headers_do_not_reach_the_backend() {
     let (addr, _b) = warm_front().await;

@@ -369,6 +369,14 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, S
     )
 }
 
+/// The values of field `name` in the machine's JSON echo.
+pub fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default()
+}
+
 /// Waits until `f` is true, polling; panics after `limit` (a safety net, not a timing check).
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
