@@ -103,6 +103,8 @@ pub struct RouteConfig {
     /// A machine lost sooner than this after becoming ready counts as a failed start (default "10s").
     #[serde(default, deserialize_with = "opt_duration")]
     pub min_uptime: Option<Duration>,
+    /// `Server-Timing` on responses that waited for a start (default true).
+    pub server_timing: Option<bool>,
     /// Protocols a client may switch to with `Upgrade` (default `["websocket"]`).
     pub upgrades: Option<Vec<String>>,
     /// How long the machine may take to start its response once it has the request (default: no limit).
@@ -331,6 +333,9 @@ impl RouteConfig {
         }
         if let Some(d) = self.min_uptime {
             builder = builder.min_uptime(d);
+        }
+        if let Some(on) = self.server_timing {
+            builder = builder.server_timing(on);
         }
         if let Some(up) = &self.upgrades {
             builder = builder.upgrades(up.iter().cloned());

@@ -51,7 +51,7 @@ pub use body::ResponseBody;
 pub use error::Error;
 pub use future::ResponseFuture;
 pub use layer::VmProxyLayer;
-pub use lifecycle::{Handle, State};
+pub use lifecycle::{Handle, MachineStatus, StartPhase, StartTimings, State};
 pub use route::{ConfigError, Route, RouteBuilder};
 pub use service::VmProxy;
 

@@ -46,6 +46,8 @@ pub struct Route {
     pub(crate) trust_forwarded: bool,
     /// Protocols a client may switch to (`Upgrade`), lower-case.
     pub(crate) upgrades: Arc<[Box<str>]>,
+    /// Add `Server-Timing` to responses that waited for a start.
+    pub(crate) server_timing: bool,
 }
 
 impl Route {
@@ -123,6 +125,7 @@ pub struct RouteBuilder {
     response_header_timeout: Option<Duration>,
     trust_forwarded: bool,
     upgrades: Vec<String>,
+    server_timing: bool,
 }
 
 impl fmt::Debug for RouteBuilder {
@@ -157,6 +160,7 @@ impl RouteBuilder {
             response_header_timeout: None,
             trust_forwarded: false,
             upgrades: vec!["websocket".to_owned()],
+            server_timing: true,
         }
     }
 
@@ -257,6 +261,14 @@ impl RouteBuilder {
     /// machines that think long before answering).
     pub fn response_header_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.response_header_timeout = timeout;
+        self
+    }
+
+    /// Whether a response that waited for a cold start carries `Server-Timing` (W3C) with
+    /// `vmproxy-wait`, `vmproxy-backend` and `vmproxy-readiness` durations, shown by browsers'
+    /// developer tools (default: on). A warm response never carries them.
+    pub fn server_timing(mut self, on: bool) -> Self {
+        self.server_timing = on;
         self
     }
 
@@ -391,6 +403,7 @@ impl RouteBuilder {
             )),
             trust_forwarded: self.trust_forwarded,
             upgrades: upgrades.into(),
+            server_timing: self.server_timing,
         })
     }
 }

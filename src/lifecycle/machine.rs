@@ -342,6 +342,19 @@ impl Machine {
         Action::None
     }
 
+    /// When the idle stop is due, as things stand: running, scale-to-zero on, nothing in flight
+    /// or waiting.
+    pub(crate) fn idle_stop_at(&self) -> Option<Instant> {
+        match (self.state, self.limits.idle_timeout) {
+            (State::Running(_), Some(timeout))
+                if self.in_flight == 0 && self.pending == 0 && !self.suspect =>
+            {
+                Some(self.last_active + timeout)
+            }
+            _ => None,
+        }
+    }
+
     /// When the idle loop should act.
     pub(crate) fn idle(&self, now: Instant) -> Idle {
         let (State::Running(_), Some(timeout)) = (self.state, self.limits.idle_timeout) else {

@@ -31,6 +31,7 @@
 //! ```
 
 mod machine;
+mod observed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +48,8 @@ use crate::{BoxError, Error};
 pub(crate) use machine::Limits;
 pub use machine::State;
 use machine::{Action, Admit, Claim, Idle, Machine, Reject};
+use observed::Observed;
+pub use observed::{MachineStatus, StartPhase, StartTimings};
 
 /// Timings of one lifecycle besides the limits the state machine itself applies.
 #[derive(Clone, Debug)]
@@ -65,6 +68,8 @@ pub(crate) struct Lifecycle {
     idle_timeout: Option<Duration>,
     /// Completed stops, so `Handle::stop` can wait for the one it asked for.
     stops: AtomicU64,
+    /// What operators are shown; never consulted for a decision.
+    observed: Mutex<Observed>,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -94,11 +99,21 @@ impl Lifecycle {
             probe,
             idle_timeout,
             stops: AtomicU64::new(0),
+            observed: Mutex::new(Observed::default()),
         })
     }
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    fn observed(&self) -> MutexGuard<'_, Observed> {
+        self.observed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The phases of the last cold start that succeeded.
+    pub(crate) fn last_start(&self) -> Option<StartTimings> {
+        self.observed().last_start()
     }
 
     fn lock(&self) -> MutexGuard<'_, Machine> {
@@ -166,6 +181,7 @@ impl Lifecycle {
                     return Ok(Lease {
                         lifecycle: self.clone(),
                         endpoint: ep,
+                        waited: false,
                     });
                 }
                 Admit::Reject(Reject::Overloaded { max_pending }) => {
@@ -210,6 +226,7 @@ impl Lifecycle {
                         return Ok(Lease {
                             lifecycle: self.clone(),
                             endpoint: ep,
+                            waited: true,
                         });
                     }
                     Claim::Failed { error, retry_after } => {
@@ -270,6 +287,7 @@ impl Lifecycle {
                 });
                 if let Some((error, pause)) = failed {
                     warn!(machine = %self.name, %error, ?pause, "lost soon after becoming ready: counted as a failed start; starts back off");
+                    self.observed().failed(&error);
                 }
                 self.act(action);
                 false
@@ -286,6 +304,7 @@ impl Lifecycle {
     #[allow(clippy::manual_async_fn)]
     fn run_start(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         async move {
+            self.observed().start_began(Instant::now());
             let outcome = match tokio::time::timeout(
                 self.timings.start_timeout,
                 self.start_and_probe(),
@@ -299,6 +318,16 @@ impl Lifecycle {
                 )
                 .into()),
             };
+            match &outcome {
+                Ok(_) => {
+                    self.observed().start_ended(true, Instant::now());
+                }
+                Err(error) => {
+                    let mut observed = self.observed();
+                    observed.start_ended(false, Instant::now());
+                    observed.failed(format!("start failed: {error}"));
+                }
+            }
             match outcome {
                 Ok(ep) => {
                     let action = self.decide("ready", |m, now| m.start_succeeded(ep, now));
@@ -328,6 +357,7 @@ impl Lifecycle {
 
     async fn start_and_probe(&self) -> Result<Endpoint, BoxError> {
         let ep = self.backend.start().await?;
+        self.observed().probing(Instant::now());
         info!(machine = %self.name, %ep, "backend reports running; probing readiness");
         probe::wait_ready(ep, &self.probe, &*self.backend).await?;
         Ok(ep)
@@ -342,6 +372,7 @@ impl Lifecycle {
                 Ok(()) => self.decide("stopped", |m, now| m.stop_done(now)),
                 Err(e) => {
                     warn!(machine = %self.name, error = %e, "stop failed; keeping the machine");
+                    self.observed().failed(format!("stop failed: {e}"));
                     let action = self.decide("stop failed", |m, now| m.stop_failed(now));
                     if let State::Running(_) = self.state() {
                         let generation = self.lock().generation();
@@ -472,9 +503,15 @@ impl Drop for Waiting<'_> {
 pub(crate) struct Lease {
     lifecycle: Arc<Lifecycle>,
     endpoint: Endpoint,
+    /// The request waited for a start (rather than finding the machine running).
+    waited: bool,
 }
 
 impl Lease {
+    pub(crate) fn waited(&self) -> bool {
+        self.waited
+    }
+
     pub(crate) fn endpoint(&self) -> Endpoint {
         self.endpoint
     }
@@ -537,6 +574,39 @@ impl Handle {
     /// Requests waiting for the machine to start.
     pub fn pending(&self) -> usize {
         self.lifecycle.lock().pending()
+    }
+
+    /// A snapshot for an operator: state and since when, the phase of a start in flight, the
+    /// counts, the time left before the idle stop, the last error, recent boot times.
+    pub fn status(&self) -> MachineStatus {
+        let lc = &self.lifecycle;
+        let now = Instant::now();
+        let (state, since, in_flight, waiting, idle_at) = {
+            let m = lc.lock();
+            (
+                m.state(),
+                now - m.phase_age(now),
+                m.in_flight(),
+                m.pending(),
+                m.idle_stop_at(),
+            )
+        };
+        let observed = lc.observed();
+        MachineStatus {
+            name: lc.name.to_string(),
+            state,
+            state_since: observed::wall_clock(since, now),
+            starting: observed
+                .starting()
+                .filter(|_| state == State::Creating)
+                .map(|(phase, at)| (phase, observed::wall_clock(at, now))),
+            in_flight,
+            waiting,
+            idle_stop_in: idle_at.map(|at| at.saturating_duration_since(now)),
+            last_error: observed.last_error(),
+            boot_time: observed.boot_time(),
+            last_start: observed.last_start(),
+        }
     }
 
     /// A receiver that sees every state change.

@@ -116,6 +116,27 @@ pub(crate) fn check_host(headers: &HeaderMap, version: Version) -> Result<(), &'
     }
 }
 
+/// `Server-Timing` (W3C) for a response that waited for a cold start: the wait, and the start's
+/// backend and readiness phases, in milliseconds.
+pub(crate) fn server_timing(
+    wait: std::time::Duration,
+    start: Option<crate::StartTimings>,
+) -> HeaderValue {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let mut v = format!(
+        "vmproxy-wait;dur={:.1};desc=\"waited for the machine\"",
+        ms(wait)
+    );
+    if let Some(t) = start {
+        v.push_str(&format!(
+            ", vmproxy-backend;dur={:.1};desc=\"platform start\", vmproxy-readiness;dur={:.1};desc=\"readiness probe\"",
+            ms(t.backend),
+            ms(t.readiness)
+        ));
+    }
+    HeaderValue::from_str(&v).expect("digits and ASCII")
+}
+
 /// How a request's body is framed, checked before it goes anywhere (RFC 9112 §6). A request with
 /// both `Transfer-Encoding` and `Content-Length` is how requests are smuggled past a proxy that
 /// reads one and a backend that reads the other: refused, as nginx does. A transfer coding other

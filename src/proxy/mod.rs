@@ -47,10 +47,14 @@ where
         }
         // Park with the request as it arrived: rewriting it first would make every waiter of a cold
         // start hold the rewritten copy's allocations too.
+        let arrived = tokio::time::Instant::now();
         let mut lease = match lifecycle.acquire().await {
             Ok(lease) => lease,
             Err(e) => return error_response(&e),
         };
+        // A response that waited for a start says how long, and where the time went.
+        let timing = (route.server_timing && lease.waited())
+            .then(|| headers::server_timing(arrived.elapsed(), lifecycle.last_start()));
         let (mut upstream, upgrade) = for_backend(req, target, &route);
         let mut retried = false;
         loop {
@@ -58,7 +62,16 @@ where
             // Boxed, and its result consumed before the next await: this future is what every
             // request parked on a cold start holds, so it must not reserve room for either.
             let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
-                Ok(res) => return respond(res, lease, upgrade, &route.upgrades),
+                Ok(res) => {
+                    let mut res = respond(res, lease, upgrade, &route.upgrades);
+                    if let Some(timing) = timing {
+                        res.headers_mut().append(
+                            http::header::HeaderName::from_static("server-timing"),
+                            timing,
+                        );
+                    }
+                    return res;
+                }
                 Err(SendError::Failed(error)) => {
                     return error_response(&failure(lifecycle.name(), error));
                 }
