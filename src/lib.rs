@@ -75,3 +75,23 @@ pub struct ClientAddr(pub std::net::SocketAddr);
 /// writes; with `trust_forwarded_headers`, a trusted front's `X-Forwarded-Proto` is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tls;
+
+/// A response extension on every response the layer produced for a route: which machine, and
+/// whether the request waited for it to start. Access logs read it (the binary's does).
+#[derive(Clone, Debug)]
+pub struct MachineResponse {
+    pub(crate) machine: std::sync::Arc<str>,
+    pub(crate) waited_for_start: bool,
+}
+
+impl MachineResponse {
+    /// The machine's name.
+    pub fn machine(&self) -> &str {
+        &self.machine
+    }
+
+    /// Whether the request waited for a start rather than finding the machine running.
+    pub fn waited_for_start(&self) -> bool {
+        self.waited_for_start
+    }
+}

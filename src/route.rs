@@ -39,13 +39,19 @@ use crate::proxy::Pool;
 /// still starts one machine.
 #[derive(Clone, Debug)]
 pub struct Route {
-    pub(crate) prefixes: Arc<[String]>,
+    // One pointer: every proxied request holds a clone, also while it waits for a start.
+    pub(crate) inner: Arc<RouteInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RouteInner {
+    pub(crate) prefixes: Box<[String]>,
     pub(crate) strip_prefix: bool,
     pub(crate) lifecycle: Arc<Lifecycle>,
-    pub(crate) pool: Arc<Pool>,
+    pub(crate) pool: Pool,
     pub(crate) trust_forwarded: bool,
     /// Protocols a client may switch to (`Upgrade`), lower-case.
-    pub(crate) upgrades: Arc<[Box<str>]>,
+    pub(crate) upgrades: Box<[Box<str>]>,
     /// Add `Server-Timing` to responses that waited for a start.
     pub(crate) server_timing: bool,
 }
@@ -58,12 +64,12 @@ impl Route {
 
     /// The prefixes this route serves, in canonical form.
     pub fn prefixes(&self) -> &[String] {
-        &self.prefixes
+        &self.inner.prefixes
     }
 
     /// A handle on the route's machine: its state, a pre-warm, a stop.
     pub fn handle(&self) -> Handle {
-        Handle::new(self.lifecycle.clone())
+        Handle::new(self.inner.lifecycle.clone())
     }
 }
 
@@ -393,17 +399,19 @@ impl RouteBuilder {
             },
         );
         Ok(Route {
-            prefixes: prefixes.into(),
-            strip_prefix: self.strip_prefix,
-            lifecycle,
-            pool: Arc::new(Pool::new(
-                self.pool_idle_timeout,
-                self.connect_timeout,
-                self.response_header_timeout,
-            )),
-            trust_forwarded: self.trust_forwarded,
-            upgrades: upgrades.into(),
-            server_timing: self.server_timing,
+            inner: Arc::new(RouteInner {
+                prefixes: prefixes.into(),
+                strip_prefix: self.strip_prefix,
+                lifecycle,
+                pool: Pool::new(
+                    self.pool_idle_timeout,
+                    self.connect_timeout,
+                    self.response_header_timeout,
+                ),
+                trust_forwarded: self.trust_forwarded,
+                upgrades: upgrades.into(),
+                server_timing: self.server_timing,
+            }),
         })
     }
 }

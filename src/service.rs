@@ -67,7 +67,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         for route in self.routes.iter() {
-            match path::match_route(&route.prefixes, route.strip_prefix, req.uri()) {
+            match path::match_route(&route.inner.prefixes, route.inner.strip_prefix, req.uri()) {
                 Match::No => continue,
                 Match::Proxy(target) => {
                     if let Err(e) = proxy::admissible(route, &req) {
@@ -77,7 +77,7 @@ where
                     return ResponseFuture::proxied(Box::pin(fut));
                 }
                 Match::Bad(reason) => {
-                    let e = Error::bad_request(route.lifecycle.name(), reason);
+                    let e = Error::bad_request(route.inner.lifecycle.name(), reason);
                     return ResponseFuture::ready(proxy::error_response(&e));
                 }
             }

@@ -107,6 +107,10 @@ impl Lifecycle {
         &self.name
     }
 
+    pub(crate) fn name_arc(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
     fn observed(&self) -> MutexGuard<'_, Observed> {
         self.observed.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -39,68 +39,81 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
-        let (lifecycle, pool) = (&route.lifecycle, &route.pool);
-        if let Some(answer) = max_forwards::apply(&mut req) {
-            let (mut head, body) = answer.into_parts();
-            headers::for_client(&mut head.headers, None);
-            return Response::from_parts(head, ProxiedBody::full(body));
-        }
-        // Park with the request as it arrived: rewriting it first would make every waiter of a cold
-        // start hold the rewritten copy's allocations too.
-        let arrived = tokio::time::Instant::now();
-        let mut lease = match lifecycle.acquire().await {
-            Ok(lease) => lease,
-            Err(e) => return error_response(&e),
-        };
-        // A response that waited for a start says how long, and where the time went.
-        let timing = (route.server_timing && lease.waited())
-            .then(|| headers::server_timing(arrived.elapsed(), lifecycle.last_start()));
-        let (mut upstream, upgrade) = for_backend(req, target, &route);
-        let mut retried = false;
-        loop {
-            let ep = lease.endpoint();
-            // Boxed, and its result consumed before the next await: this future is what every
-            // request parked on a cold start holds, so it must not reserve room for either.
-            let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
-                Ok(res) => {
-                    let mut res = respond(res, lease, upgrade, &route.upgrades);
-                    if let Some(timing) = timing {
-                        res.headers_mut().append(
-                            http::header::HeaderName::from_static("server-timing"),
-                            timing,
-                        );
-                    }
-                    return res;
-                }
-                Err(SendError::Failed(error)) => {
-                    return error_response(&failure(lifecycle.name(), error));
-                }
-                Err(SendError::NoResponseHead(after)) => {
-                    return error_response(&Error::response_header_timeout(
-                        lifecycle.name(),
-                        after,
-                    ));
-                }
-                Err(SendError::Connect { error, request }) => {
-                    debug!(machine = lifecycle.name(), %ep, %error, "connect error");
-                    pool.clear();
-                    lifecycle.unreachable(ep);
-                    if retried {
-                        return error_response(&Error::upstream(lifecycle.name(), error));
-                    }
-                    request
-                }
-            };
-            drop(lease);
-            // Nothing of it was sent: wait for the status check (and a new start, if the machine
-            // is gone) and try once more.
-            retried = true;
-            upstream = *unsent;
-            lease = match lifecycle.acquire().await {
+        let mut waited = false;
+        let res = 'answered: {
+            let (lifecycle, pool) = (&route.inner.lifecycle, &route.inner.pool);
+            if let Some(answer) = max_forwards::apply(&mut req) {
+                let (mut head, body) = answer.into_parts();
+                headers::for_client(&mut head.headers, None);
+                break 'answered Response::from_parts(head, ProxiedBody::full(body));
+            }
+            // Park with the request as it arrived: rewriting it first would make every waiter of a cold
+            // start hold the rewritten copy's allocations too.
+            let arrived = tokio::time::Instant::now();
+            let mut lease = match lifecycle.acquire().await {
                 Ok(lease) => lease,
-                Err(e) => return error_response(&e),
+                Err(e) => break 'answered error_response(&e),
             };
-        }
+            waited = lease.waited();
+            // A response that waited for a start says how long, and where the time went.
+            let timing = (route.inner.server_timing && lease.waited())
+                .then(|| headers::server_timing(arrived.elapsed(), lifecycle.last_start()));
+            let (mut upstream, upgrade) = for_backend(req, target, &route);
+            let mut retried = false;
+            loop {
+                let ep = lease.endpoint();
+                // Boxed, and its result consumed before the next await: this future is what every
+                // request parked on a cold start holds, so it must not reserve room for either.
+                let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
+                    Ok(res) => {
+                        let mut res = respond(res, lease, upgrade, &route.inner.upgrades);
+                        if let Some(timing) = timing {
+                            res.headers_mut().append(
+                                http::header::HeaderName::from_static("server-timing"),
+                                timing,
+                            );
+                        }
+                        break 'answered res;
+                    }
+                    Err(SendError::Failed(error)) => {
+                        break 'answered error_response(&failure(lifecycle.name(), error));
+                    }
+                    Err(SendError::NoResponseHead(after)) => {
+                        break 'answered error_response(&Error::response_header_timeout(
+                            lifecycle.name(),
+                            after,
+                        ));
+                    }
+                    Err(SendError::Connect { error, request }) => {
+                        debug!(machine = lifecycle.name(), %ep, %error, "connect error");
+                        pool.clear();
+                        lifecycle.unreachable(ep);
+                        if retried {
+                            break 'answered error_response(&Error::upstream(
+                                lifecycle.name(),
+                                error,
+                            ));
+                        }
+                        request
+                    }
+                };
+                drop(lease);
+                // Nothing of it was sent: wait for the status check (and a new start, if the machine
+                // is gone) and try once more.
+                retried = true;
+                upstream = *unsent;
+                lease = match lifecycle.acquire().await {
+                    Ok(lease) => lease,
+                    Err(e) => break 'answered error_response(&e),
+                };
+            }
+        };
+        let mut res = res;
+        res.extensions_mut().insert(crate::MachineResponse {
+            machine: route.inner.lifecycle.name_arc(),
+            waited_for_start: waited,
+        });
+        res
     }
 }
 
@@ -108,7 +121,7 @@ where
 /// the client names), with the one `Host` RFC 9112 §3.2 asks for, and a body whose length
 /// cannot be read two ways.
 pub(crate) fn admissible<B>(route: &Route, req: &Request<B>) -> Result<(), Error> {
-    let machine = route.lifecycle.name();
+    let machine = route.inner.lifecycle.name();
     if req.method() == http::Method::CONNECT {
         return Err(Error::method_not_allowed(machine, http::Method::CONNECT));
     }
@@ -138,7 +151,7 @@ where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let upgrade = headers::allowed_upgrade(req.headers(), &route.upgrades)
+    let upgrade = headers::allowed_upgrade(req.headers(), &route.inner.upgrades)
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
     let tls = req.extensions().get::<Tls>().is_some();
@@ -148,7 +161,7 @@ where
         tls,
         version: parts.version,
         authority: parts.uri.authority().map(|a| a.as_str()),
-        trust_forwarded: route.trust_forwarded,
+        trust_forwarded: route.inner.trust_forwarded,
     };
     headers::for_backend(
         &mut parts.headers,
