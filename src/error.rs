@@ -61,6 +61,9 @@ enum Kind {
         method: http::Method,
     },
     UnsupportedTransferCoding,
+    ProxyExhausted {
+        source: Arc<BoxError>,
+    },
     ResponseHeaderTimeout {
         after: Duration,
     },
@@ -137,6 +140,15 @@ impl Error {
         }
     }
 
+    pub(crate) fn proxy_exhausted(machine: &str, source: impl Into<BoxError>) -> Self {
+        Error {
+            kind: Kind::ProxyExhausted {
+                source: Arc::new(source.into()),
+            },
+            machine: machine.into(),
+        }
+    }
+
     pub(crate) fn unsupported_transfer_coding(machine: &str) -> Self {
         Error {
             kind: Kind::UnsupportedTransferCoding,
@@ -154,7 +166,9 @@ impl Error {
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self.kind {
-            Kind::Overloaded { .. } | Kind::StartFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Overloaded { .. } | Kind::StartFailed { .. } | Kind::ProxyExhausted { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Kind::ColdStartTimeout { .. } | Kind::ResponseHeaderTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -169,7 +183,7 @@ impl Error {
     /// How long a client should wait before trying again, where that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match &self.kind {
-            Kind::Overloaded { .. } => Some(Duration::from_secs(1)),
+            Kind::Overloaded { .. } | Kind::ProxyExhausted { .. } => Some(Duration::from_secs(1)),
             Kind::StartFailed { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
@@ -241,6 +255,10 @@ impl fmt::Display for Error {
                 f,
                 "{method} is not proxied to machine {m}: it would open a tunnel past the proxy"
             ),
+            Kind::ProxyExhausted { source } => write!(
+                f,
+                "the proxy cannot open a connection to machine {m} now ({source}); try again shortly"
+            ),
             Kind::UnsupportedTransferCoding => write!(
                 f,
                 "request for machine {m}: only the chunked transfer coding is understood"
@@ -257,7 +275,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
-            Kind::StartFailed { source, .. } | Kind::Upstream { source } => Some(&***source),
+            Kind::StartFailed { source, .. }
+            | Kind::Upstream { source }
+            | Kind::ProxyExhausted { source } => Some(&***source),
             _ => None,
         }
     }

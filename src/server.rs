@@ -65,8 +65,73 @@ use tracing::{debug, info, warn};
 use crate::{BoxError, ClientAddr};
 
 /// The request body a service served by [`Server`] receives: the connection's body, failing
-/// with [`tower_http::timeout::TimeoutError`] after `request_body_timeout` without a byte.
-pub type RequestBody = tower_http::timeout::TimeoutBody<Incoming>;
+/// with [`BodyTimeout`] after `request_body_timeout` without a byte. Unlike tower-http's
+/// `TimeoutBody` it passes on `is_end_stream` and `size_hint`, which the proxy reads to tell a
+/// request without content from one with.
+#[pin_project]
+#[derive(Debug)]
+pub struct RequestBody {
+    #[pin]
+    body: Incoming,
+    timeout: Duration,
+    /// Armed while a frame is awaited; made on the first wait, so a request whose body is never
+    /// read costs no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame is being awaited: the clock runs. Not while the reader is away, which is the
+    /// machine's back-pressure, not the client's silence.
+    waiting: bool,
+}
+
+/// A request body sent nothing for the server's `request_body_timeout`.
+#[derive(Debug)]
+pub struct BodyTimeout(Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body sent nothing for {}",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            *this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = Instant::now() + *this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !*this.waiting {
+            *this.waiting = true;
+            sleep.as_mut().reset(deadline);
+        }
+        let timeout = *this.timeout;
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// Serves a service with connection limits and timeouts; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -196,7 +261,9 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let conn = Connection::new(stream, limits.clone());
+            // The slot goes with the socket: an upgraded connection (a WebSocket) that outlives
+            // hyper's handling of it still counts against the cap.
+            let conn = Connection::new(stream, limits.clone(), slot);
             let tracked = Tracked {
                 inner: service.clone(),
                 conn: conn.state.clone(),
@@ -211,7 +278,6 @@ impl Server {
                 if let Err(e) = serving.await {
                     debug!(%peer, error = %e, "connection ended with an error");
                 }
-                drop(slot);
             });
         }
         drop(listener);
@@ -297,10 +363,12 @@ struct Connection {
     /// The last write could not go out: the client is not reading. Made on the first stall.
     write_timer: Option<Pin<Box<Sleep>>>,
     write_stalled: bool,
+    /// One of `max_connections`, given back when the socket closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connection {
-    fn new(io: TcpStream, limits: Arc<Server>) -> Self {
+    fn new(io: TcpStream, limits: Arc<Server>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         let now = Instant::now();
         Connection {
             io,
@@ -319,6 +387,7 @@ impl Connection {
             expired: false,
             write_timer: None,
             write_stalled: false,
+            _slot: slot,
         }
     }
 }
@@ -506,7 +575,13 @@ where
     type Future = TrackedFuture<Oneshot<S, Request<RequestBody>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let mut req = req.map(|b| tower_http::timeout::TimeoutBody::new(self.body_timeout, b));
+        let timeout = self.body_timeout;
+        let mut req = req.map(|body| RequestBody {
+            body,
+            timeout,
+            sleep: None,
+            waiting: false,
+        });
         req.extensions_mut().insert(ClientAddr(self.peer));
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         TrackedFuture {

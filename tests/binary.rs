@@ -183,6 +183,19 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
     );
     let pid = backend_pid(&r);
     assert!(common::alive(pid as u32));
+    // python answers HTTP/1.0; the client hears this hop's version (RFC 9110 §6.2).
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /app/ HTTP/1.1\r\nHost: front.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 
     let code = r.proxy.signal_and_wait(Signal::SIGTERM).await;
     assert_eq!(code, Some(0), "SIGTERM must exit 0:\n{}", r.proxy.log());

@@ -241,3 +241,82 @@ async fn a_client_that_reads_nothing_is_cut_off_and_frees_the_machine() {
         "the whole response waited for the reader ({got} bytes)"
     );
 }
+
+#[tokio::test]
+async fn running_out_of_descriptors_never_kills_a_healthy_machine() {
+    // Few descriptors and a connection cap above them: the proxy itself runs out, not the machine.
+    let config = "listen = \"127.0.0.1:0\"\nmax_connections = 1000\n\n[[route]]\npath = \"/app\"\n\
+                  strip_prefix = true\nhealth_path = \"/\"\n\n[route.process]\n\
+                  command = [\"sh\", \"-c\", \"echo $$ > \\\"$PIDFILE\\\"; exec python3 -m http.server {port} --bind 127.0.0.1\"]\n";
+    let pidfile = std::env::temp_dir().join(format!("vmproxy-test-fds-{}.pid", std::process::id()));
+    let p = binary::Proxy::start_with_open_files(
+        config,
+        &[("PIDFILE", pidfile.to_str().unwrap())],
+        Some(48),
+    );
+    let (status, _, body) = get_text(p.addr, "/app/").await;
+    assert_eq!(status, 200, "{body}");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pidfile);
+
+    // 80 clients at once, each wanting a connection to the machine.
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        if let Ok(mut s) = TcpStream::connect(p.addr).await {
+            let _ = s
+                .write_all(b"GET /app/ HTTP/1.1\r\nHost: front.test\r\n\r\n")
+                .await;
+            clients.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(clients);
+    assert!(
+        alive(pid),
+        "the machine was killed when the proxy ran out of descriptors:\n{}",
+        p.log()
+    );
+    // And it still serves, without a new start.
+    let mut served = false;
+    for _ in 0..50 {
+        let (status, _, _) = get_text(p.addr, "/app/").await;
+        if status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "{}", p.log());
+    assert!(alive(pid));
+    assert_eq!(p.log().matches("process started").count(), 1, "{}", p.log());
+}
+
+#[tokio::test]
+async fn upgraded_connections_count_against_max_connections() {
+    let server = vmproxy::server::Server::new().max_connections(2);
+    let (addr, _backend) = served(server).await;
+    let (ws1, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws"))
+        .await
+        .unwrap();
+    let (_ws2, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/app/ws"))
+        .await
+        .unwrap();
+    // Two upgraded connections hold both slots: a third connection is not served...
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /nothing HTTP/1.1\r\nHost: front.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served past max_connections = 2"
+    );
+    // ...until one of them closes.
+    drop(ws1);
+    assert!(one_response(&mut c).await.starts_with("HTTP/1.1 404"));
+}

@@ -130,7 +130,10 @@ fn command_alive(pid: Pid) -> bool {
                 .next(),
             Some('Z' | 'X') | None
         ),
-        Err(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // Out of file descriptors, say: that tells nothing of the command, and taking it for
+        // dead would kill a healthy machine.
+        Err(_) => true,
     }
 }
 

@@ -26,17 +26,53 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Names whose underscore spellings (`X_Forwarded_For`) CGI and WSGI backends merge with the
-/// real field (both become `HTTP_X_FORWARDED_FOR`): a client could forge them past the proxy.
-const FORWARDING_FAMILY: [&str; 7] = [
+/// Fields that backends and frameworks read as what a trusted front said about the client, its
+/// scheme or its URL. A client must not be able to write them past the proxy: unless the route
+/// trusts the front before it, they are dropped (the proxy writes `X-Forwarded-*` and
+/// `Forwarded` itself), and so are their underscore spellings (`X_Forwarded_For`), which CGI and
+/// WSGI backends merge with the real field (both become `HTTP_X_FORWARDED_FOR`), and their
+/// appearance as trailers.
+const FORWARDING_FAMILY: [&str; 17] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
     "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "client-ip",
+    "front-end-https",
+    "x-original-url",
+    "x-rewrite-url",
     "forwarded",
 ];
+
+/// Whether `name` is one of [`FORWARDING_FAMILY`], in any spelling of `-` as `_`.
+fn is_forwarding_field(name: &str) -> bool {
+    FORWARDING_FAMILY.iter().any(|f| {
+        f.len() == name.len()
+            && f.bytes()
+                .zip(name.bytes())
+                .all(|(f, c)| f == c || (f == b'-' && c == b'_'))
+    })
+}
+
+/// Removes forwarding fields from a request's trailers: trailers are the client's alone.
+pub(crate) fn scrub_trailers(trailers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|n| is_forwarding_field(n.as_str()) || HOP_BY_HOP.contains(n) || *n == header::HOST)
+        .cloned()
+        .collect();
+    for name in names {
+        trailers.remove(name);
+    }
+}
 
 /// The protocols named by the client's `Upgrade` that `allowed` lists, when the client asks to
 /// switch at all (`Connection: upgrade`). `h2c` is never among them: switching to it would
@@ -210,7 +246,7 @@ pub(crate) fn for_backend(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
-    remove_underscore_twins(headers);
+    remove_forged_forwarding(headers, arrival.trust_forwarded);
 
     // The target's authority is the Host: for an absolute-form target (RFC 9112 §3.2.2) and
     // for HTTP/2's :authority (RFC 9113 §8.3.1); HTTP/1.1 backends need Host.
@@ -231,37 +267,39 @@ pub(crate) fn for_backend(
     if !keep(headers, &X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    append_forwarded(headers, arrival.client, proto);
+    append_forwarded(headers, arrival.client, proto, arrival.trust_forwarded);
     if let Some(client) = arrival.client {
         append_forwarded_for(headers, client);
     }
     append(headers, header::VIA, via_value(arrival.version));
 }
 
-/// Drops `X_Forwarded_For` and the like: see [`FORWARDING_FAMILY`].
-fn remove_underscore_twins(headers: &mut HeaderMap) {
-    let twins: Vec<HeaderName> = headers
+/// Drops what a client may have written of [`FORWARDING_FAMILY`]: the underscore spellings
+/// always, the rest unless a trusted front wrote them. `X-Forwarded-For` is kept, since the
+/// proxy appends to it and its last entry is the proxy's own.
+fn remove_forged_forwarding(headers: &mut HeaderMap, trusted: bool) {
+    let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
             let n = n.as_str();
-            n.contains('_')
-                && FORWARDING_FAMILY.iter().any(|f| {
-                    f.len() == n.len()
-                        && f.bytes()
-                            .zip(n.bytes())
-                            .all(|(f, c)| f == c || (f == b'-' && c == b'_'))
-                })
+            is_forwarding_field(n)
+                && (n.contains('_') || (!trusted && n != X_FORWARDED_FOR.as_str()))
         })
         .cloned()
         .collect();
-    for name in twins {
+    for name in forged {
         headers.remove(name);
     }
 }
 
 /// Appends this hop's element to `Forwarded` (RFC 7239 §4): the client, the `Host` it asked
 /// for and the protocol of its connection.
-fn append_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: &str) {
+fn append_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<SocketAddr>,
+    proto: &str,
+    trusted: bool,
+) {
     let mut element = String::new();
     if let Some(client) = client {
         match client.ip().to_canonical() {
@@ -278,7 +316,13 @@ fn append_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, proto: 
     element.push_str("proto=");
     element.push_str(proto);
     if let Ok(value) = HeaderValue::from_str(&element) {
-        append(headers, FORWARDED, value);
+        if trusted {
+            append(headers, FORWARDED, value);
+        } else {
+            // Untrusted, the client's elements were dropped: frameworks that read the first
+            // element must find the proxy's.
+            headers.insert(FORWARDED, value);
+        }
     }
 }
 

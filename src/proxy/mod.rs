@@ -14,7 +14,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub(crate) use pool::Pool;
 use pool::{SendError, UpstreamBody};
@@ -58,7 +58,7 @@ where
             // A response that waited for a start says how long, and where the time went.
             let timing = (route.inner.server_timing && lease.waited())
                 .then(|| headers::server_timing(arrived.elapsed(), lifecycle.last_start()));
-            let (mut upstream, upgrade) = for_backend(req, target, &route);
+            let (mut upstream, upgrade) = for_backend(req, target, &route, lease.endpoint().addr());
             let mut retried = false;
             loop {
                 let ep = lease.endpoint();
@@ -82,6 +82,15 @@ where
                         break 'answered error_response(&Error::response_header_timeout(
                             lifecycle.name(),
                             after,
+                        ));
+                    }
+                    Err(SendError::Connect { error, .. }) if local_exhaustion(&error) => {
+                        // The proxy, not the machine, is out of something: the machine is not
+                        // to blame, and must not be taken for gone.
+                        warn!(machine = lifecycle.name(), %ep, %error, "cannot open a connection to the machine: the proxy is out of resources");
+                        break 'answered error_response(&Error::proxy_exhausted(
+                            lifecycle.name(),
+                            error,
                         ));
                     }
                     Err(SendError::Connect { error, request }) => {
@@ -117,13 +126,50 @@ where
     }
 }
 
+/// A connect error that says the proxy's own process or host ran out of something (descriptors,
+/// buffers, memory, local ports) rather than that the machine is unreachable.
+fn local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EMFILE
+            || code == nix::libc::ENFILE
+            || code == nix::libc::ENOBUFS
+            || code == nix::libc::ENOMEM
+            || code == nix::libc::EADDRNOTAVAIL
+    )
+}
+
 /// Whether a request for `route` may be forwarded at all: not CONNECT (a tunnel to wherever
 /// the client names), with the one `Host` RFC 9112 §3.2 asks for, and a body whose length
 /// cannot be read two ways.
-pub(crate) fn admissible<B>(route: &Route, req: &Request<B>) -> Result<(), Error> {
+pub(crate) fn admissible<B: Body>(route: &Route, req: &Request<B>) -> Result<(), Error> {
     let machine = route.inner.lifecycle.name();
     if req.method() == http::Method::CONNECT {
         return Err(Error::method_not_allowed(machine, http::Method::CONNECT));
+    }
+    // Content in a GET, HEAD or TRACE has no defined meaning (RFC 9110 §9.3.1, §9.3.2,
+    // §9.3.8), and many servers do not read it: left on a pooled connection, it would be taken
+    // for the next client's request, a request past every route check.
+    let bodiless = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::TRACE
+    );
+    if bodiless && !req.body().is_end_stream() {
+        return Err(Error::bad_request_body(
+            machine,
+            format!("content in a {} request is not forwarded", req.method()),
+            false,
+        ));
+    }
+    if let Some(authority) = req.uri().authority() {
+        // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; forwarded as Host it would
+        // say one thing to the backend and another to a person.
+        if authority.as_str().contains('@') {
+            return Err(Error::bad_request(
+                machine,
+                "the request target has userinfo (user@host)",
+            ));
+        }
     }
     headers::check_host(req.headers(), req.version())
         .map_err(|e| Error::bad_request(machine, e))?;
@@ -143,6 +189,7 @@ fn for_backend<B>(
     mut req: Request<B>,
     target: PathAndQuery,
     route: &Route,
+    endpoint: std::net::SocketAddr,
 ) -> (
     Request<UpstreamBody>,
     Option<(http::HeaderValue, OnUpgrade)>,
@@ -151,7 +198,10 @@ where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let upgrade = headers::allowed_upgrade(req.headers(), &route.inner.upgrades)
+    // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+    let upgrade = (req.version() == Version::HTTP_11)
+        .then(|| headers::allowed_upgrade(req.headers(), &route.inner.upgrades))
+        .flatten()
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let client = client_addr(req.extensions());
     let tls = req.extensions().get::<Tls>().is_some();
@@ -170,7 +220,33 @@ where
     );
     parts.uri = target.into();
     parts.version = Version::HTTP_11;
-    let body = body.map_err(|e| BoxError::from(ClientBodyError(e.into())));
+    if !parts.headers.contains_key(http::header::HOST) {
+        // HTTP/1.0 without Host, or HTTP/2 without :authority: an HTTP/1.1 request needs one
+        // (RFC 9112 §3.2); the machine's own address is the truthful one.
+        if let Ok(host) = http::HeaderValue::from_str(&endpoint.to_string()) {
+            parts.headers.insert(http::header::HOST, host);
+        }
+    }
+    let body_semantics = matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if !body_semantics && !body.is_end_stream() && upgrade.is_none() {
+        // A DELETE or OPTIONS with content: a server that ignores it leaves it unread, so this
+        // connection to the machine is used once and closed, never pooled.
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    let body = body
+        .map_frame(|mut frame| {
+            if let Some(trailers) = frame.trailers_mut() {
+                headers::scrub_trailers(trailers);
+            }
+            frame
+        })
+        .map_err(|e| BoxError::from(ClientBodyError(e.into())));
     let upstream = Request::from_parts(parts, body.boxed_unsync());
     (upstream, upgrade)
 }
@@ -201,7 +277,7 @@ fn failure(machine: &str, error: hyper::Error) -> Error {
             let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&*body.0);
             let mut timed_out = false;
             while let Some(e) = inner {
-                timed_out |= e.is::<tower_http::timeout::TimeoutError>();
+                timed_out |= e.is::<crate::server::BodyTimeout>();
                 inner = e.source();
             }
             return Error::bad_request_body(machine, body.to_string(), timed_out);
@@ -218,6 +294,8 @@ fn respond(
     allowed: &[Box<str>],
 ) -> Response<ProxiedBody> {
     let (mut parts, body) = res.into_parts();
+    // This hop's version, not the machine's (RFC 9110 §6.2): the server speaks to the client.
+    parts.version = Version::default();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some((protocol, client_side)) = upgrade {
             let protocol = parts

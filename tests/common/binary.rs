@@ -63,9 +63,25 @@ pub struct Proxy {
 impl Proxy {
     /// Serves `config` (its `listen` should use port 0) with extra environment `env`.
     pub fn start(config: &str, env: &[(&str, &str)]) -> Proxy {
+        Self::start_with_open_files(config, env, None)
+    }
+
+    /// As [`start`](Self::start), with the open-file limit (soft and hard) set to `nofile`.
+    pub fn start_with_open_files(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
         let config = TempFile::new(config);
         let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let mut cmd = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd.arg("--config")
             .arg(config.path())
             .env("RUST_LOG", log_filter)
