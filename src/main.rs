@@ -118,7 +118,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     for r in layer.routes() {
         info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
-    let app = Router::new().fallback(not_found).layer(layer);
+    let app = access_logged(Router::new().fallback(not_found).layer(layer));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = config.server().serve(listener, app, async {
@@ -182,6 +182,74 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     }
     info!("bye");
     ExitCode::SUCCESS
+}
+
+/// The access log, request ids and redacted credentials, in front of everything: tower-http's
+/// layers, in the order that makes each see what it needs. The id is set first (a client's own
+/// `x-request-id` is kept), so the log's span and the machine both see it; the log reads which
+/// machine answered, and whether the request waited for a start, from the response.
+fn access_logged<S>(
+    app: S,
+) -> impl tower::Service<
+    http::Request<vmproxy::server::RequestBody>,
+    Response = http::Response<
+        impl http_body::Body<Data = bytes::Bytes, Error = impl Into<vmproxy::BoxError>> + Send + 'static,
+    >,
+    Error = impl Into<vmproxy::BoxError>,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + 'static
+where
+    S: tower::Service<
+            http::Request<vmproxy::server::RequestBody>,
+            Response = http::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+    use tower_http::trace::TraceLayer;
+
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &http::Request<vmproxy::server::RequestBody>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), id)
+        })
+        .on_request(())
+        .on_response(
+            |res: &http::Response<_>, latency: std::time::Duration, _span: &tracing::Span| {
+                let served = res.extensions().get::<vmproxy::MachineResponse>();
+                info!(
+                    status = res.status().as_u16(),
+                    latency_ms = latency.as_secs_f64() * 1000.0,
+                    machine = served.map(|s| s.machine()),
+                    waited_for_start = served.map(|s| s.waited_for_start()),
+                    "served"
+                );
+            },
+        )
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(());
+    tower::ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+            header::SET_COOKIE,
+        ]))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(trace)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .service(app)
 }
 
 /// Requests no route takes. They reach nothing, but bad ones still get the status that says
