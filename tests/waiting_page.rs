@@ -204,6 +204,16 @@ impl Backend for Hostile {
     }
 }
 
+/// Waits until a start has failed and the back-off begun (the error is recorded a little
+/// earlier, before the cleanup after the failed start).
+async fn failed(handle: &vmproxy::Handle) {
+    eventually(Duration::from_secs(10), || {
+        let status = handle.status();
+        status.state == State::Absent && status.last_error.is_some()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn names_and_errors_are_escaped() {
     let route = Route::builder("/app", Hostile)
@@ -220,10 +230,7 @@ async fn names_and_errors_are_escaped() {
         "{page}"
     );
     assert!(!page.contains("<script>"), "{page}");
-    eventually(Duration::from_secs(10), || {
-        handle.status().last_error.is_some()
-    })
-    .await;
+    failed(&handle).await;
     let (_, _, page) = browse(addr, "/app/").await;
     assert!(
         page.contains("&lt;img src=x onerror=alert(1)&gt; &amp; &quot;quota&quot;"),
@@ -244,10 +251,7 @@ async fn a_failed_start_shows_the_reason_and_reloads_after_the_back_off() {
     let addr = front(route).await;
     let (status, _, _) = browse(addr, "/app/").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    eventually(Duration::from_secs(10), || {
-        handle.status().last_error.is_some()
-    })
-    .await;
+    failed(&handle).await;
 
     let (status, headers, page) = browse(addr, "/app/").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -302,7 +306,7 @@ fn route_with_template(t: &str) -> Result<Route, vmproxy::ConfigError> {
 async fn a_page_during_a_stop_brings_the_machine_back() {
     let backend = FakeBackend::with(Knobs {
         boot: Duration::from_millis(50),
-        stop_delay: Duration::from_millis(500),
+        stop_delay: Duration::from_millis(1500),
         ..Knobs::default()
     });
     let route = paged(backend.clone()).build().unwrap();
