@@ -36,6 +36,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::backend::process::ProcessBackend;
+use crate::waiting::Template;
 use crate::{Route, RouteBuilder, VmProxyLayer};
 
 /// The whole file.
@@ -110,6 +111,12 @@ pub struct RouteConfig {
     /// How long the machine may take to start its response once it has the request (default: no limit).
     #[serde(default, deserialize_with = "opt_duration")]
     pub response_header_timeout: Option<Duration>,
+    /// Answer browsers at once with a page that reloads until the machine runs (default false).
+    #[serde(default)]
+    pub waiting_page: bool,
+    /// An HTML file to use as the waiting page's template; [`Config::load`] takes a relative
+    /// path from the config file's directory.
+    pub waiting_page_template: Option<PathBuf>,
     /// A local command as the machine.
     pub process: Option<ProcessConfig>,
     /// A Compute Engine VM as the machine.
@@ -180,18 +187,30 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigFileError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigFileError::new("", format!("cannot read: {e}")).in_file(path))?;
-        Config::parse(&text).map_err(|e| e.in_file(path))
+        Config::parse_in(&text, path.parent()).map_err(|e| e.in_file(path))
     }
 
-    /// Parses and checks the text of a file.
+    /// Parses and checks the text of a file; relative paths in it are taken from the working
+    /// directory.
     pub fn parse(text: &str) -> Result<Config, ConfigFileError> {
+        Config::parse_in(text, None)
+    }
+
+    fn parse_in(text: &str, dir: Option<&Path>) -> Result<Config, ConfigFileError> {
         let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
             // toml's message carries the line and a caret under the bad value.
             ConfigFileError::new(key, e.into_inner().to_string().trim_end().to_owned())
         })?;
+        if let Some(dir) = dir {
+            for r in &mut config.routes {
+                if let Some(file) = &mut r.waiting_page_template {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
         config.check()?;
         config.layer()?;
         Ok(config)
@@ -260,6 +279,11 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
+            if r.waiting_page_template.is_some() && !r.waiting_page {
+                out.push(format!(
+                    "route[{i}].waiting_page_template: no page is shown without waiting_page = true"
+                ));
+            }
             if let Some(p) = &r.process {
                 let uses_port = p
                     .command
@@ -340,7 +364,17 @@ impl RouteConfig {
         if let Some(up) = &self.upgrades {
             builder = builder.upgrades(up.iter().cloned());
         }
-        builder = builder.response_header_timeout(self.response_header_timeout);
+        builder = builder
+            .response_header_timeout(self.response_header_timeout)
+            .waiting_page(self.waiting_page);
+        if let Some(path) = &self.waiting_page_template {
+            let key = ".waiting_page_template".to_owned();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| (key.clone(), format!("cannot read {}: {e}", path.display())))?;
+            // The template's own line numbers, with the file they are in.
+            Template::parse(&text).map_err(|e| (key, format!("{}: {e}", path.display())))?;
+            builder = builder.waiting_page_template(text);
+        }
         builder.build().map_err(|e| {
             let key = match e.field() {
                 "prefix" => "path",
@@ -550,6 +584,52 @@ stop_grace = "10s"
         ))
         .unwrap();
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_waiting_page_template_is_read_and_checked_at_load() {
+        let dir = std::env::temp_dir().join(format!("vmproxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let with = |line: &str| GOOD.replace("max_pending = 10000", line);
+
+        let c = Config::parse(&with("waiting_page = true")).unwrap();
+        assert!(c.routes[0].waiting_page);
+        assert!(c.warnings().is_empty());
+
+        let e = err(&with(
+            "waiting_page = true\nwaiting_page_template = \"/no/such/page.html\"",
+        ));
+        assert_eq!(e.key(), "route[0].waiting_page_template", "{e}");
+        assert!(e.to_string().contains("/no/such/page.html"), "{e}");
+
+        // A relative path is the config file's neighbour, wherever the proxy runs from.
+        std::fs::write(dir.join("page.html"), "<p>\n{{machin}}</p>").unwrap();
+        let file = dir.join("vmproxy.toml");
+        std::fs::write(
+            &file,
+            with("waiting_page = true\nwaiting_page_template = \"page.html\""),
+        )
+        .unwrap();
+        let e = Config::load(&file).unwrap_err();
+        assert_eq!(e.key(), "route[0].waiting_page_template", "{e}");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(e.to_string().contains("{{machin}}"), "{e}");
+        std::fs::write(dir.join("page.html"), "<p>{{machine}}</p>").unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(
+            c.routes[0].waiting_page_template.as_deref(),
+            Some(dir.join("page.html").as_path())
+        );
+
+        // A template with no page to show is a likely slip.
+        let c = Config::parse(&with(&format!(
+            "waiting_page_template = {:?}",
+            dir.join("page.html")
+        )))
+        .unwrap();
+        assert_eq!(c.warnings().len(), 1, "{:?}", c.warnings());
+        assert!(c.warnings()[0].starts_with("route[0].waiting_page_template"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod proxy;
 pub mod route;
 pub mod server;
 mod service;
+pub mod waiting;
 
 #[cfg(feature = "emulator")]
 pub mod emulator;

@@ -32,6 +32,7 @@ use crate::lifecycle::{Handle, Lifecycle, Limits, Timings};
 use crate::path;
 use crate::probe::ProbeConfig;
 use crate::proxy::Pool;
+use crate::waiting::{self, Template};
 
 /// One on-demand machine, the prefixes routed to it, and how its lifecycle is run.
 ///
@@ -54,6 +55,8 @@ pub(crate) struct RouteInner {
     pub(crate) upgrades: Box<[Box<str>]>,
     /// Add `Server-Timing` to responses that waited for a start.
     pub(crate) server_timing: bool,
+    /// Answer browsers with this page instead of making them wait for a start.
+    pub(crate) waiting_page: Option<Template>,
 }
 
 impl Route {
@@ -132,6 +135,8 @@ pub struct RouteBuilder {
     trust_forwarded: bool,
     upgrades: Vec<String>,
     server_timing: bool,
+    waiting_page: bool,
+    waiting_page_template: Option<String>,
 }
 
 impl fmt::Debug for RouteBuilder {
@@ -167,6 +172,8 @@ impl RouteBuilder {
             trust_forwarded: false,
             upgrades: vec!["websocket".to_owned()],
             server_timing: true,
+            waiting_page: false,
+            waiting_page_template: None,
         }
     }
 
@@ -278,6 +285,24 @@ impl RouteBuilder {
         self
     }
 
+    /// Whether a browser gets a page at once while the machine is not running, instead of
+    /// waiting for it (default: off). A `GET` or `HEAD` whose `Accept` prefers `text/html` is
+    /// answered 503 with `Retry-After` and a page that says what the machine is doing and
+    /// reloads itself until the machine answers; it sets the start going without waiting for
+    /// it. Other requests (curl's `*/*`, API clients) wait as usual. See [`crate::waiting`].
+    pub fn waiting_page(mut self, on: bool) -> Self {
+        self.waiting_page = on;
+        self
+    }
+
+    /// The waiting page's template, as text (default: [`waiting::DEFAULT_TEMPLATE`]); checked
+    /// by [`build`](Self::build). Placeholders are listed in [`crate::waiting`]. Used only with
+    /// [`waiting_page`](Self::waiting_page) on.
+    pub fn waiting_page_template(mut self, template: impl Into<String>) -> Self {
+        self.waiting_page_template = Some(template.into());
+        self
+    }
+
     /// The protocols a client may switch to with `Upgrade` (default: `["websocket"]`). A
     /// request asking for another is forwarded as a plain request, its `Upgrade` removed
     /// (RFC 9110 §7.8). `h2c` is refused here: an upgraded HTTP/2 connection would carry
@@ -372,6 +397,12 @@ impl RouteBuilder {
             }
             upgrades.push(p.to_ascii_lowercase().into());
         }
+        let template = Template::parse(
+            self.waiting_page_template
+                .as_deref()
+                .unwrap_or(waiting::DEFAULT_TEMPLATE),
+        )
+        .map_err(|e| ConfigError::new("waiting_page_template", e.to_string()))?;
         let idle_timeout = self.idle_timeout.filter(|d| !d.is_zero());
         let name: Arc<str> = self
             .name
@@ -411,6 +442,7 @@ impl RouteBuilder {
                 trust_forwarded: self.trust_forwarded,
                 upgrades: upgrades.into(),
                 server_timing: self.server_timing,
+                waiting_page: self.waiting_page.then_some(template),
             }),
         })
     }

@@ -70,6 +70,22 @@ pub(crate) enum Admit {
     Reject(Reject),
 }
 
+/// The answer to a request that will not wait for the machine (a browser shown the waiting
+/// page instead).
+#[derive(Debug)]
+pub(crate) enum Wake {
+    /// Running: the request is counted in flight, as with [`Admit::Ready`].
+    Ready(Endpoint),
+    /// Not running. The start is under way, or set going by this call (`Action::Start`), or will
+    /// follow the stop or status check under way.
+    NotYet(Action),
+    /// In the pause after a failed start: no start now.
+    BackingOff {
+        error: Arc<BoxError>,
+        retry_after: Duration,
+    },
+}
+
 /// Why a request was refused without waiting.
 #[derive(Debug)]
 pub(crate) enum Reject {
@@ -143,6 +159,9 @@ pub(crate) struct Machine {
     ready_at: Instant,
     /// When this proxy last told the backend it served traffic.
     last_recorded: Option<Instant>,
+    /// A request that does not wait (a waiting page) asked for the machine during a stop or a
+    /// status check: start it once that is over, as for a waiter, though none may be left.
+    wanted: bool,
 }
 
 impl Machine {
@@ -165,6 +184,7 @@ impl Machine {
             generation: 0,
             ready_at: now,
             last_recorded: None,
+            wanted: false,
         }
     }
 
@@ -222,6 +242,10 @@ impl Machine {
     }
 
     fn set(&mut self, state: State, now: Instant) {
+        if matches!(state, State::Creating | State::Running(_)) {
+            // Whatever wanted the machine has it now (or has its start under way).
+            self.wanted = false;
+        }
         self.state = state;
         self.since = now;
     }
@@ -259,6 +283,36 @@ impl Machine {
                 failures: self.failures,
             },
             action,
+        }
+    }
+
+    /// A request wants the machine but will not wait for it: served if it runs, else the start
+    /// is set going (or wanted after the stop or status check under way) with nobody counted
+    /// pending, so neither `max_pending` nor an idle stop is held up by it.
+    pub(crate) fn wake(&mut self, now: Instant) -> Wake {
+        match self.state {
+            State::Running(ep) if !self.suspect => {
+                self.in_flight += 1;
+                self.last_active = now;
+                Wake::Ready(ep)
+            }
+            State::Running(_) | State::Stopping => {
+                self.wanted = true;
+                Wake::NotYet(Action::None)
+            }
+            State::Creating => Wake::NotYet(Action::None),
+            State::Absent => {
+                if let (Some(until), Some(error)) = (self.backoff_until, &self.last_failure) {
+                    if until > now {
+                        return Wake::BackingOff {
+                            error: error.clone(),
+                            retry_after: until - now,
+                        };
+                    }
+                }
+                self.set(State::Creating, now);
+                Wake::NotYet(Action::Start)
+            }
         }
     }
 
@@ -319,6 +373,8 @@ impl Machine {
     /// A failed start (or a machine lost right after it): every waiter gets the error, and
     /// starts back off, 1, 2, 4… times `start_backoff` up to `max_start_backoff`.
     fn fail(&mut self, error: Arc<BoxError>, now: Instant) {
+        // A wish to start is answered by the back-off, as a waiter is by the error.
+        self.wanted = false;
         self.failures += 1;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         self.last_failure = Some(error);
@@ -455,6 +511,7 @@ impl Machine {
     pub(crate) fn alive(&mut self, ep: Endpoint) {
         if self.state == State::Running(ep) {
             self.suspect = false;
+            self.wanted = false;
         }
     }
 
@@ -481,7 +538,7 @@ impl Machine {
     }
 
     fn restart_if_wanted(&mut self, now: Instant) -> Action {
-        if self.pending > 0 {
+        if self.pending > 0 || self.wanted {
             self.set(State::Creating, now);
             Action::Start
         } else {
@@ -820,6 +877,100 @@ mod tests {
             Action::Start,
             "no back-off after a machine went away after a healthy run"
         );
+    }
+
+    #[test]
+    fn a_page_starts_the_machine_without_waiting() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::Start)));
+        assert_eq!(m.state(), State::Creating);
+        assert!(
+            matches!(m.wake(t), Wake::NotYet(Action::None)),
+            "one start however many pages"
+        );
+        assert_eq!(m.pending(), 0, "a page is no waiter");
+        // Pages do not fill the queue that waiters are bounded by.
+        for _ in 0..3 {
+            let _ = wait(m.admit(t));
+        }
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::None)));
+        for _ in 0..3 {
+            m.abandon();
+        }
+        assert_eq!(m.start_succeeded(ep(1), t), Action::None);
+        assert_eq!(
+            m.idle_stop_at(),
+            Some(t + Duration::from_secs(60)),
+            "started for nobody in flight: the idle clock runs"
+        );
+        assert!(matches!(m.wake(t), Wake::Ready(e) if e == ep(1)));
+        assert_eq!(m.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_page_during_a_stop_starts_the_machine_after_it() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        assert_eq!(m.begin_stop(t), Action::Stop);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::None)));
+        assert_eq!(m.stop_done(t), Action::Start);
+        assert_eq!(m.state(), State::Creating);
+        assert_eq!(m.start_succeeded(ep(2), t), Action::None);
+        // The wish was granted: the next stop is final.
+        assert_eq!(m.begin_stop(t), Action::Stop);
+        assert_eq!(m.stop_done(t), Action::None);
+        assert_eq!(m.state(), State::Absent);
+    }
+
+    #[test]
+    fn a_page_during_a_status_check_restarts_a_machine_found_gone() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        assert!(m.suspect(ep(1)));
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::None)));
+        let up = t + Duration::from_secs(10);
+        assert_eq!(m.gone(ep(1), up), Action::Start);
+        let _ = m.start_succeeded(ep(2), up);
+        // Found alive instead: nothing left wanted.
+        assert!(m.suspect(ep(2)));
+        assert!(matches!(m.wake(up), Wake::NotYet(Action::None)));
+        m.alive(ep(2));
+        assert!(matches!(m.wake(up), Wake::Ready(_)));
+        assert_eq!(m.release(up), Action::None);
+        assert_eq!(m.begin_stop(up), Action::Stop);
+        assert_eq!(m.stop_done(up), Action::None);
+    }
+
+    #[test]
+    fn a_page_in_the_back_off_starts_nothing() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::Start)));
+        m.start_failed(err("boom"), t);
+        match m.wake(t + Duration::from_millis(400)) {
+            Wake::BackingOff { error, retry_after } => {
+                assert_eq!(error.to_string(), "boom");
+                assert_eq!(retry_after, Duration::from_millis(600));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.state(), State::Absent);
+        let after = t + Duration::from_secs(1);
+        assert!(matches!(m.wake(after), Wake::NotYet(Action::Start)));
+
+        // A machine wanted during a status check that finds it lost right after ready: the
+        // back-off answers the wish; it does not linger to restart the machine after a later stop.
+        let _ = m.start_succeeded(ep(1), after);
+        assert!(m.suspect(ep(1)));
+        assert!(matches!(m.wake(after), Wake::NotYet(Action::None)));
+        assert_eq!(m.gone(ep(1), after), Action::None);
+        let later = after + Duration::from_secs(2);
+        run(&mut m, ep(2), later);
+        assert_eq!(m.begin_stop(later), Action::Stop);
+        assert_eq!(m.stop_done(later), Action::None);
     }
 
     /// Starts the machine at `now` for one request, which is served and done.

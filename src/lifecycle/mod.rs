@@ -47,9 +47,24 @@ use crate::{BoxError, Error};
 
 pub(crate) use machine::Limits;
 pub use machine::State;
-use machine::{Action, Admit, Claim, Idle, Machine, Reject};
+use machine::{Action, Admit, Claim, Idle, Machine, Reject, Wake};
 use observed::Observed;
 pub use observed::{MachineStatus, StartPhase, StartTimings};
+
+/// What a request that will not wait finds: see [`Lifecycle::wake`].
+#[derive(Debug)]
+pub(crate) enum Woken {
+    /// The machine runs: send the request there.
+    Ready(Lease),
+    /// It does not run yet; it is starting, or will once the stop or status check under way is
+    /// over.
+    NotYet,
+    /// A start failed and starts pause for `retry_after`.
+    BackingOff {
+        error: Arc<BoxError>,
+        retry_after: Duration,
+    },
+}
 
 /// Timings of one lifecycle besides the limits the state machine itself applies.
 #[derive(Clone, Debug)]
@@ -176,18 +191,7 @@ impl Lifecycle {
             let mut m = self.lock();
             let (before, age) = (m.state(), m.phase_age(now));
             match m.admit(now) {
-                Admit::Ready(ep) => {
-                    let report = m.activity_report_due(now);
-                    drop(m);
-                    if report {
-                        self.report_activity();
-                    }
-                    return Ok(Lease {
-                        lifecycle: self.clone(),
-                        endpoint: ep,
-                        waited: false,
-                    });
-                }
+                Admit::Ready(ep) => return Ok(self.lease_now(m, now, ep)),
                 Admit::Reject(Reject::Overloaded { max_pending }) => {
                     return Err(Error::overloaded(&self.name, max_pending));
                 }
@@ -246,6 +250,47 @@ impl Lifecycle {
                 &self.name,
                 self.timings.cold_start_timeout,
             )),
+        }
+    }
+
+    /// For a request that will not wait (a browser gets the waiting page instead): the machine
+    /// if it runs, counted in flight as by [`acquire`](Self::acquire); otherwise its start is set
+    /// going here (or after the stop or status check under way), in a spawned task, so the
+    /// machine comes up although no request waits for it.
+    pub(crate) fn wake(self: &Arc<Self>) -> Woken {
+        let now = Instant::now();
+        let mut m = self.lock();
+        let (before, age) = (m.state(), m.phase_age(now));
+        match m.wake(now) {
+            Wake::Ready(ep) => Woken::Ready(self.lease_now(m, now, ep)),
+            Wake::BackingOff { error, retry_after } => Woken::BackingOff { error, retry_after },
+            Wake::NotYet(action) => {
+                if action == Action::Start {
+                    self.publish(&m, before, age, "waiting page shown");
+                }
+                drop(m);
+                self.act(action);
+                Woken::NotYet
+            }
+        }
+    }
+
+    /// The lease of a request admitted at once to the running machine; releases the lock.
+    fn lease_now(
+        self: &Arc<Self>,
+        mut m: MutexGuard<'_, Machine>,
+        now: Instant,
+        endpoint: Endpoint,
+    ) -> Lease {
+        let report = m.activity_report_due(now);
+        drop(m);
+        if report {
+            self.report_activity();
+        }
+        Lease {
+            lifecycle: self.clone(),
+            endpoint,
+            waited: false,
         }
     }
 

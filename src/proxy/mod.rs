@@ -20,8 +20,9 @@ pub(crate) use pool::Pool;
 use pool::{SendError, UpstreamBody};
 
 use crate::body::ProxiedBody;
-use crate::lifecycle::Lease;
+use crate::lifecycle::{Lease, Woken};
 use crate::route::Route;
+use crate::waiting::{self, NotRunning, Template};
 use crate::{BoxError, ClientAddr, Error, Tls};
 
 /// Sends `req` to the route's machine, starting it if needed, and answers with the machine's
@@ -50,9 +51,27 @@ where
             // Park with the request as it arrived: rewriting it first would make every waiter of a cold
             // start hold the rewritten copy's allocations too.
             let arrived = tokio::time::Instant::now();
-            let mut lease = match lifecycle.acquire().await {
-                Ok(lease) => lease,
-                Err(e) => break 'answered error_response(&e),
+            let page = route
+                .inner
+                .waiting_page
+                .as_ref()
+                .filter(|_| waiting::wanted(&req));
+            let mut lease = match page {
+                // A browser does not wait: it is shown the page, and the machine is started for it.
+                Some(template) => match lifecycle.wake() {
+                    Woken::Ready(lease) => lease,
+                    Woken::NotYet => {
+                        break 'answered waiting_page(&route, template, NotRunning::Yet, &req);
+                    }
+                    Woken::BackingOff { error, retry_after } => {
+                        let why = NotRunning::BackingOff(&error, retry_after);
+                        break 'answered waiting_page(&route, template, why, &req);
+                    }
+                },
+                None => match lifecycle.acquire().await {
+                    Ok(lease) => lease,
+                    Err(e) => break 'answered error_response(&e),
+                },
             };
             waited = lease.waited();
             // A response that waited for a start says how long, and where the time went.
@@ -353,4 +372,17 @@ fn client_addr(ext: &http::Extensions) -> Option<SocketAddr> {
         ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
     })
+}
+
+/// The waiting page for `req`, which found the route's machine not running.
+fn waiting_page<B>(
+    route: &Route,
+    template: &Template,
+    why: NotRunning<'_>,
+    req: &Request<B>,
+) -> Response<ProxiedBody> {
+    let status = route.handle().status();
+    debug!(machine = %status.name, state = status.state.name(), "waiting page");
+    let head = req.method() == http::Method::HEAD;
+    waiting::response(template, &status, why, head)
 }
