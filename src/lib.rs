@@ -30,6 +30,7 @@
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub, clippy::await_holding_lock, clippy::if_let_mutex)]
 
+pub mod admin;
 pub mod backend;
 mod body;
 pub mod config;
@@ -43,6 +44,7 @@ mod proxy;
 pub mod route;
 pub mod server;
 mod service;
+pub mod telemetry;
 
 #[cfg(feature = "emulator")]
 pub mod emulator;
