@@ -63,11 +63,11 @@
 //! ```
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
-use metrics::{describe_counter, describe_gauge, describe_histogram, SharedString, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Gauge, SharedString, Unit};
 
 use crate::lifecycle::{MachineStatus, StartTimings, State};
 
@@ -245,6 +245,47 @@ pub(crate) fn state(machine: &SharedString, now: State) {
     }
 }
 
+/// One machine's count gauges, set on every admission and release: registered once per
+/// recorder rather than looked up by name and labels each time (a hash and a map look-up per
+/// gauge, which a request would pay twice).
+pub(crate) struct Counts {
+    label: SharedString,
+    /// The recorder they were registered with, and the handles.
+    cached: Mutex<Option<(usize, [Gauge; 3])>>,
+}
+
+impl Counts {
+    pub(crate) fn new(label: SharedString) -> Self {
+        Counts {
+            label,
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set(&self, in_flight: usize, waiting: usize, idle_stop_in: Option<Duration>) {
+        // A recorder installed after the route was built (or a thread-local one in a test) is a
+        // different recorder: register with it then.
+        let recorder =
+            metrics::with_recorder(|r| (r as *const dyn metrics::Recorder).cast::<()>() as usize);
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let gauges = match &*cached {
+            Some((at, gauges)) if *at == recorder => gauges,
+            _ => {
+                let label = &self.label;
+                let gauges = [
+                    metrics::gauge!(IN_FLIGHT, "machine" => label.clone()),
+                    metrics::gauge!(WAITING, "machine" => label.clone()),
+                    metrics::gauge!(IDLE_STOP_SECONDS, "machine" => label.clone()),
+                ];
+                &cached.insert((recorder, gauges)).1
+            }
+        };
+        gauges[0].set(in_flight as f64);
+        gauges[1].set(waiting as f64);
+        gauges[2].set(idle_stop_in.map_or(f64::NAN, |d| d.as_secs_f64()));
+    }
+}
+
 /// The count gauges and the time to the idle stop.
 pub(crate) fn counts(
     machine: &SharedString,
@@ -256,4 +297,42 @@ pub(crate) fn counts(
     metrics::gauge!(WAITING, "machine" => machine.clone()).set(waiting as f64);
     let idle = idle_stop_in.map_or(f64::NAN, |d| d.as_secs_f64());
     metrics::gauge!(IDLE_STOP_SECONDS, "machine" => machine.clone()).set(idle);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    #[test]
+    fn count_gauges_follow_a_recorder_installed_later() {
+        let counts = Counts::new(SharedString::const_str("late"));
+        counts.set(1, 0, None); // no recorder yet: nothing to see, nothing kept
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let rendered = recorder.handle();
+        metrics::with_local_recorder(&recorder, || counts.set(2, 3, Some(Duration::from_secs(5))));
+        let text = rendered.render();
+        assert!(
+            text.contains("vmproxy_in_flight{machine=\"late\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmproxy_waiting{machine=\"late\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmproxy_idle_stop_seconds{machine=\"late\"} 5"),
+            "{text}"
+        );
+        metrics::with_local_recorder(&recorder, || counts.set(0, 0, None));
+        let text = rendered.render();
+        assert!(
+            text.contains("vmproxy_in_flight{machine=\"late\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmproxy_idle_stop_seconds{machine=\"late\"} NaN"),
+            "{text}"
+        );
+    }
 }

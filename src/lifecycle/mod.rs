@@ -63,6 +63,8 @@ pub(crate) struct Lifecycle {
     name: Arc<str>,
     /// `name` as a metrics label (shares its allocation).
     label: metrics::SharedString,
+    /// The count gauges, set after every change of the counts.
+    counts: telemetry::Counts,
     backend: Arc<dyn Backend>,
     machine: Mutex<Machine>,
     tx: watch::Sender<State>,
@@ -96,8 +98,10 @@ impl Lifecycle {
         let label = metrics::SharedString::from(name.clone());
         telemetry::describe();
         telemetry::state(&label, State::Absent);
-        telemetry::counts(&label, 0, 0, None);
+        let counts = telemetry::Counts::new(label.clone());
+        counts.set(0, 0, None);
         Arc::new(Lifecycle {
+            counts,
             label,
             name,
             backend,
@@ -176,7 +180,7 @@ impl Lifecycle {
         let idle_in = m
             .idle_stop_at()
             .map(|at| at.saturating_duration_since(Instant::now()));
-        telemetry::counts(&self.label, m.in_flight(), m.pending(), idle_in);
+        self.counts.set(m.in_flight(), m.pending(), idle_in);
     }
 
     /// Spawns a task of this machine's driver: its backend calls are recorded under the route's
