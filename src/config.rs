@@ -69,6 +69,28 @@ pub struct Config {
     /// The routes, matched in order.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// The admin API, metrics and status page on a listener of their own (off when absent).
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: where the [admin API and status page](crate::admin) are served.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The address to serve them on; a loopback address unless a `token` is set.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// When set, every admin request needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 /// One `[[route]]`: a path prefix and its machine.
@@ -234,6 +256,9 @@ impl Config {
                 return Err(ConfigFileError::new(t, "must be more than zero"));
             }
         }
+        if let Some(admin) = &self.admin {
+            admin.check(self.listen)?;
+        }
         if self.max_connections == Some(0) {
             return Err(ConfigFileError::new(
                 "max_connections",
@@ -278,6 +303,20 @@ impl Config {
     /// its port, for example.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Ok(layer) = self.layer() {
+            let names: Vec<String> = layer
+                .routes()
+                .iter()
+                .map(|r| r.handle().name().to_owned())
+                .collect();
+            for (i, name) in names.iter().enumerate() {
+                if let Some(k) = names[..i].iter().position(|n| n == name) {
+                    out.push(format!(
+                        "route[{i}].name: route[{k}]'s machine has the same name ({name:?}); logs, metrics and the admin API cannot tell them apart: give each route a `name`"
+                    ));
+                }
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             if r.waiting_page_template.is_some() && !r.waiting_page {
                 out.push(format!(
@@ -325,6 +364,42 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmProxyLayer::from_routes(routes))
+    }
+}
+
+impl AdminConfig {
+    fn check(&self, proxy_listen: SocketAddr) -> Result<(), ConfigFileError> {
+        match &self.token {
+            Some(t) if t.trim().is_empty() => {
+                return Err(ConfigFileError::new(
+                    "admin.token",
+                    "is empty; set a long random string, or remove the key",
+                ));
+            }
+            Some(t) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(ConfigFileError::new(
+                    "admin.token",
+                    "must not contain spaces or control characters (it is sent as `Authorization: Bearer <token>`)",
+                ));
+            }
+            None if !self.listen.ip().is_loopback() => {
+                return Err(ConfigFileError::new(
+                    "admin.token",
+                    format!(
+                        "is required when admin.listen ({}) is not a loopback address: anyone who reaches it could stop the machines",
+                        self.listen
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if self.listen == proxy_listen && self.listen.port() != 0 {
+            return Err(ConfigFileError::new(
+                "admin.listen",
+                "is the proxy's own `listen` address; give the admin API another port",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -630,6 +705,40 @@ stop_grace = "10s"
         assert_eq!(c.warnings().len(), 1, "{:?}", c.warnings());
         assert!(c.warnings()[0].starts_with("route[0].waiting_page_template"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_admin_listener_is_loopback_or_needs_a_token() {
+        let with = |admin: &str| format!("{GOOD}\n[admin]\n{admin}\n");
+        let c = Config::parse(&with("listen = \"127.0.0.1:9090\"")).unwrap();
+        assert_eq!(c.admin.unwrap().listen.port(), 9090);
+        Config::parse(&with("listen = \"[::1]:9090\"")).unwrap();
+        let e = err(&with("listen = \"0.0.0.0:9090\""));
+        assert_eq!(e.key(), "admin.token", "{e}");
+        assert!(e.to_string().contains("0.0.0.0:9090"), "{e}");
+        let c = Config::parse(&with("listen = \"0.0.0.0:9090\"\ntoken = \"s3cret\"")).unwrap();
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token stays out of Debug"
+        );
+        let e = err(&with("listen = \"127.0.0.1:9090\"\ntoken = \"\""));
+        assert_eq!(e.key(), "admin.token", "{e}");
+        let e = err(&with("listen = \"127.0.0.1:8080\""));
+        assert_eq!(e.key(), "admin.listen", "{e}");
+        let e = err(&with("listen = \"127.0.0.1:9090\"\nport = 1"));
+        assert_eq!(e.key(), "admin.port", "{e}");
+    }
+
+    #[test]
+    fn machines_with_one_name_are_warned_about() {
+        let two = format!(
+            "{GOOD}\n[[route]]\npath = \"/b\"\n[route.process]\ncommand = [\"python3\", \"{{port}}\"]\n"
+        );
+        let w = Config::parse(&two).unwrap().warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("route[1].name"), "{w:?}");
+        let named = two.replace("path = \"/b\"", "path = \"/b\"\nname = \"b\"");
+        assert!(Config::parse(&named).unwrap().warnings().is_empty());
     }
 
     #[test]

@@ -2,12 +2,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project::pin_project;
 
 use crate::body::{ProxiedBody, ResponseBody};
+use crate::telemetry;
 
 /// The proxied leg awaits a lifecycle and a pooled connection; an `async` block cannot be named
 /// on stable Rust, so that leg (and only that one) is boxed. The inner service's future is
@@ -21,6 +23,9 @@ pub(crate) type ProxiedFuture = Pin<Box<dyn Future<Output = Response<ProxiedBody
 pub struct ResponseFuture<F> {
     #[pin]
     kind: Kind<F>,
+    /// The route's machine, whose responses are counted (`vmproxy_requests_total`); none for the
+    /// inner service's.
+    machine: Option<Arc<str>>,
 }
 
 #[pin_project(project = KindProj)]
@@ -34,18 +39,21 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn inner(fut: F) -> Self {
         ResponseFuture {
             kind: Kind::Inner(fut),
+            machine: None,
         }
     }
 
-    pub(crate) fn proxied(fut: ProxiedFuture) -> Self {
+    pub(crate) fn proxied(fut: ProxiedFuture, machine: Arc<str>) -> Self {
         ResponseFuture {
             kind: Kind::Proxied(fut),
+            machine: Some(machine),
         }
     }
 
-    pub(crate) fn ready(res: Response<ProxiedBody>) -> Self {
+    pub(crate) fn ready(res: Response<ProxiedBody>, machine: Arc<str>) -> Self {
         ResponseFuture {
             kind: Kind::Ready(Some(res)),
+            machine: Some(machine),
         }
     }
 }
@@ -70,19 +78,18 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let res = match this.kind.project() {
             KindProj::Inner(fut) => {
                 let res = ready!(fut.poll(cx))?;
-                Poll::Ready(Ok(res.map(ResponseBody::inner)))
+                return Poll::Ready(Ok(res.map(ResponseBody::inner)));
             }
-            KindProj::Proxied(fut) => {
-                let res = ready!(fut.as_mut().poll(cx));
-                Poll::Ready(Ok(res.map(ResponseBody::proxied)))
-            }
-            KindProj::Ready(res) => {
-                let res = res.take().expect("ResponseFuture polled after completion");
-                Poll::Ready(Ok(res.map(ResponseBody::proxied)))
-            }
+            KindProj::Proxied(fut) => ready!(fut.as_mut().poll(cx)),
+            KindProj::Ready(res) => res.take().expect("ResponseFuture polled after completion"),
+        };
+        if let Some(machine) = this.machine {
+            telemetry::response(machine, res.status());
         }
+        Poll::Ready(Ok(res.map(ResponseBody::proxied)))
     }
 }

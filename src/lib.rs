@@ -26,10 +26,16 @@
 //!
 //! What happens on each request, the state machine's rules and the error statuses are described
 //! in the crate's README.
+//!
+//! For operators: every machine records metrics through the [`metrics`] facade (names and labels
+//! in [`telemetry`]; the application installs the exporter), and [`admin::Admin`] is a service
+//! with a JSON API, the Prometheus exposition, live events and a status page, to mount in a
+//! router or serve on a listener of its own.
 
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub, clippy::await_holding_lock, clippy::if_let_mutex)]
 
+pub mod admin;
 pub mod backend;
 mod body;
 pub mod config;
@@ -43,6 +49,7 @@ mod proxy;
 pub mod route;
 pub mod server;
 mod service;
+pub mod telemetry;
 pub mod waiting;
 
 #[cfg(feature = "emulator")]

@@ -1,4 +1,5 @@
-//! `vmproxy --config FILE.toml`: serves the file's routes, each to an on-demand machine.
+//! `vmproxy --config FILE.toml`: serves the file's routes, each to an on-demand machine, and
+//! with `[admin]` the admin API, metrics and status page on a listener of their own.
 //! `vmproxy emulate --listen ADDR` (feature `emulator`): a loopback Compute Engine.
 
 use std::path::PathBuf;
@@ -95,6 +96,10 @@ fn usage_error(msg: &str) -> ExitCode {
 }
 
 async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
+    // Before the routes are built, so that their first gauges are recorded. Only the admin
+    // listener exports metrics: without it, nothing is recorded.
+    #[cfg(feature = "prometheus")]
+    let prometheus = config.admin.as_ref().and_then(|_| install_prometheus());
     let layer = match config.layer() {
         Ok(layer) => layer,
         Err(e) => {
@@ -115,6 +120,38 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     };
     let addr = listener.local_addr().map_or(config.listen, |a| a);
     let handles: Vec<_> = layer.routes().iter().map(|r| r.handle()).collect();
+    let admin = match &config.admin {
+        None => None,
+        Some(admin_config) => {
+            let listener = match tokio::net::TcpListener::bind(admin_config.listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!(
+                        "vmproxy: {}: admin.listen: cannot listen on {}: {e}",
+                        path.display(),
+                        admin_config.listen
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            let admin_addr = listener.local_addr().map_or(admin_config.listen, |a| a);
+            let mut admin = vmproxy::admin::Admin::for_layer(&layer);
+            if let Some(token) = &admin_config.token {
+                admin = admin.token(token.clone());
+            }
+            #[cfg(feature = "prometheus")]
+            if let Some(prometheus) = prometheus {
+                admin = admin.metrics(move || prometheus.render());
+            }
+            // Served until the proxy's own server has finished, then dropped with its
+            // connections (event streams never end on their own).
+            let server = config
+                .server()
+                .serve(listener, admin, std::future::pending());
+            info!(%admin_addr, token = admin_config.token.is_some(), "admin API and status page");
+            Some(tokio::spawn(server))
+        }
+    };
     for r in layer.routes() {
         info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
@@ -139,6 +176,11 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             warn!("requests still in flight after the grace period; closing them");
             server.abort();
         }
+    }
+    // The admin API goes with the proxy's own listener: a start asked for now would only be
+    // stopped again.
+    if let Some(admin) = admin {
+        admin.abort();
     }
     let mut left_running = 0;
     for handle in handles {
@@ -281,6 +323,40 @@ async fn not_found(method: Method, version: Version, headers: HeaderMap, uri: Ur
         format!("no route for {}\n", uri.path()),
     )
         .into_response()
+}
+
+/// Installs the Prometheus recorder, with histogram buckets for cold starts; returns the handle
+/// that renders `/metrics`.
+#[cfg(feature = "prometheus")]
+fn install_prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use vmproxy::telemetry;
+
+    let recorder = match PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Full(telemetry::COLD_START_SECONDS.to_owned()),
+        telemetry::COLD_START_BUCKETS,
+    ) {
+        Ok(builder) => builder.build_recorder(),
+        Err(e) => {
+            warn!(error = %e, "metrics are not recorded");
+            return None;
+        }
+    };
+    let handle = recorder.handle();
+    if let Err(e) = metrics::set_global_recorder(recorder) {
+        warn!(error = %e, "metrics are not recorded");
+        return None;
+    }
+    // Drains histogram samples between scrapes, as the exporter asks of whoever installs it.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Some(handle)
 }
 
 async fn shutdown_signal() {

@@ -70,15 +70,17 @@ where
             match path::match_route(&route.inner.prefixes, route.inner.strip_prefix, req.uri()) {
                 Match::No => continue,
                 Match::Proxy(target) => {
+                    let machine = route.inner.lifecycle.name_arc().clone();
                     if let Err(e) = proxy::admissible(route, &req) {
-                        return ResponseFuture::ready(proxy::error_response(&e));
+                        return ResponseFuture::ready(proxy::error_response(&e), machine);
                     }
                     let fut = proxy::forward(route.clone(), req, target);
-                    return ResponseFuture::proxied(Box::pin(fut));
+                    return ResponseFuture::proxied(Box::pin(fut), machine);
                 }
                 Match::Bad(reason) => {
                     let e = Error::bad_request(route.inner.lifecycle.name(), reason);
-                    return ResponseFuture::ready(proxy::error_response(&e));
+                    let machine = route.inner.lifecycle.name_arc().clone();
+                    return ResponseFuture::ready(proxy::error_response(&e), machine);
                 }
             }
         }

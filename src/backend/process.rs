@@ -60,7 +60,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use super::{Backend, BackendFuture, Endpoint, Status};
-use crate::ConfigError;
+use crate::{telemetry, ConfigError};
 
 /// Runs a local command as the on-demand machine.
 #[derive(Debug)]
@@ -285,6 +285,15 @@ impl ProcessBackend {
     }
 }
 
+/// A signal's `result` label.
+fn result<T>(sent: &nix::Result<T>) -> &'static str {
+    if sent.is_ok() {
+        "ok"
+    } else {
+        "error"
+    }
+}
+
 impl Backend for ProcessBackend {
     fn name(&self) -> &str {
         &self.name
@@ -298,9 +307,13 @@ impl Backend for ProcessBackend {
                     return Ok(running.endpoint);
                 }
             }
-            let running = self
-                .spawn()
-                .map_err(|e| format!("could not run {:?}: {e}", self.program))?;
+            let spawned = self.spawn();
+            telemetry::backend_call(
+                &self.name,
+                "spawn",
+                if spawned.is_ok() { "ok" } else { "error" },
+            );
+            let running = spawned.map_err(|e| format!("could not run {:?}: {e}", self.program))?;
             info!(machine = %self.name, pid = %running.pid, endpoint = %running.endpoint, "process started");
             let ep = running.endpoint;
             *slot = Some(running);
@@ -317,14 +330,16 @@ impl Backend for ProcessBackend {
                 return Ok(());
             }
             debug!(machine = %self.name, "SIGTERM");
-            let _ = killpg(running.pid, Signal::SIGTERM);
+            let sent = killpg(running.pid, Signal::SIGTERM);
+            telemetry::backend_call(&self.name, "terminate", result(&sent));
             // On Linux this waits for the supervisor, which exits once the command has exited
             // and it has killed whatever the command left.
             match tokio::time::timeout(self.stop_grace, running.child.wait()).await {
                 Ok(status) => debug!(machine = %self.name, ?status, "exited"),
                 Err(_) => {
                     warn!(machine = %self.name, grace = ?self.stop_grace, "still running after SIGTERM; SIGKILL");
-                    let _ = killpg(running.pid, Signal::SIGKILL);
+                    let sent = killpg(running.pid, Signal::SIGKILL);
+                    telemetry::backend_call(&self.name, "kill", result(&sent));
                     let _ = running.child.wait().await;
                 }
             }

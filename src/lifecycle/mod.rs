@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use crate::backend::{Backend, Endpoint, Status};
 use crate::probe::{self, ProbeConfig};
+use crate::telemetry::{self, StartResult};
 use crate::{BoxError, Error};
 
 pub(crate) use machine::Limits;
@@ -75,6 +76,10 @@ pub(crate) struct Timings {
 
 pub(crate) struct Lifecycle {
     name: Arc<str>,
+    /// `name` as a metrics label (shares its allocation).
+    label: metrics::SharedString,
+    /// The count gauges, set after every change of the counts.
+    counts: telemetry::Counts,
     backend: Arc<dyn Backend>,
     machine: Mutex<Machine>,
     tx: watch::Sender<State>,
@@ -105,7 +110,14 @@ impl Lifecycle {
         probe: ProbeConfig,
     ) -> Arc<Self> {
         let idle_timeout = limits.idle_timeout;
+        let label = metrics::SharedString::from(name.clone());
+        telemetry::describe();
+        telemetry::state(&label, State::Absent);
+        let counts = telemetry::Counts::new(label.clone());
+        counts.set(0, 0, None);
         Arc::new(Lifecycle {
+            counts,
+            label,
             name,
             backend,
             machine: Mutex::new(Machine::new(limits, Instant::now())),
@@ -122,8 +134,9 @@ impl Lifecycle {
         &self.name
     }
 
-    pub(crate) fn name_arc(&self) -> Arc<str> {
-        self.name.clone()
+    /// The name, shared (for a response's metrics).
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
     }
 
     fn observed(&self) -> MutexGuard<'_, Observed> {
@@ -167,20 +180,38 @@ impl Lifecycle {
                 }
             }
         }
+        if before != after {
+            telemetry::state(&self.label, after);
+        }
+        self.gauges(m);
         // Always notify: waiters re-check under the lock, so a spurious wake-up is harmless
         // and a missed one is not.
         self.tx.send_replace(after);
     }
 
+    /// Sets the count gauges; called with the lock held after every change of the counts, so
+    /// that the last value set is the last value decided.
+    fn gauges(&self, m: &Machine) {
+        let idle_in = m
+            .idle_stop_at()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        self.counts.set(m.in_flight(), m.pending(), idle_in);
+    }
+
+    /// Spawns a task of this machine's driver: its backend calls are recorded under the route's
+    /// machine name.
+    fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        tokio::spawn(telemetry::scope(&self.name, fut));
+    }
+
     fn act(self: &Arc<Self>, action: Action) {
         match action {
             Action::None => {}
-            Action::Start => {
-                tokio::spawn(self.clone().run_start());
-            }
-            Action::Stop => {
-                tokio::spawn(self.clone().run_stop());
-            }
+            Action::Start => self.spawn(self.clone().run_start()),
+            Action::Stop => self.spawn(self.clone().run_stop()),
         }
     }
 
@@ -203,6 +234,8 @@ impl Lifecycle {
                     let rx = self.tx.subscribe();
                     if action == Action::Start {
                         self.publish(&m, before, age, "request arrived");
+                    } else {
+                        self.gauges(&m);
                     }
                     drop(m);
                     self.act(action);
@@ -223,6 +256,9 @@ impl Lifecycle {
                 let mut m = self.lock();
                 let claim = m.claim(ticket, now);
                 let report = matches!(claim, Claim::Ready(_)) && m.activity_report_due(now);
+                if !matches!(claim, Claim::Wait) {
+                    self.gauges(&m);
+                }
                 drop(m);
                 match claim {
                     Claim::Wait => continue,
@@ -283,6 +319,7 @@ impl Lifecycle {
         endpoint: Endpoint,
     ) -> Lease {
         let report = m.activity_report_due(now);
+        self.gauges(&m);
         drop(m);
         if report {
             self.report_activity();
@@ -296,7 +333,7 @@ impl Lifecycle {
 
     fn report_activity(self: &Arc<Self>) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Err(e) = this.backend.record_activity().await {
                 warn!(machine = %this.name, error = %e, "could not record activity on the backend");
             }
@@ -311,7 +348,7 @@ impl Lifecycle {
         }
         warn!(machine = %self.name, %ep, "connect error; checking the machine's status");
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             let status = this.backend.status().await;
             this.status_seen(ep, status);
         });
@@ -354,34 +391,38 @@ impl Lifecycle {
     fn run_start(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         async move {
             self.observed().start_began(Instant::now());
-            let outcome = match tokio::time::timeout(
+            let (outcome, result) = match tokio::time::timeout(
                 self.timings.start_timeout,
                 self.start_and_probe(),
             )
             .await
             {
-                Ok(outcome) => outcome,
-                Err(_) => Err(format!(
-                    "not ready within start_timeout ({})",
-                    humantime::format_duration(self.timings.start_timeout)
-                )
-                .into()),
+                Ok(Ok(ep)) => (Ok(ep), StartResult::Ok),
+                Ok(Err(e)) => (Err(e), StartResult::Failed),
+                Err(_) => (
+                    Err(format!(
+                        "not ready within start_timeout ({})",
+                        humantime::format_duration(self.timings.start_timeout)
+                    )
+                    .into()),
+                    StartResult::Timeout,
+                ),
             };
-            match &outcome {
-                Ok(_) => {
-                    self.observed().start_ended(true, Instant::now());
-                }
+            let timings = match &outcome {
+                Ok(_) => self.observed().start_ended(true, Instant::now()),
                 Err(error) => {
                     let mut observed = self.observed();
                     observed.start_ended(false, Instant::now());
                     observed.failed(format!("start failed: {error}"));
+                    None
                 }
-            }
+            };
+            telemetry::cold_start(&self.name, result, timings);
             match outcome {
                 Ok(ep) => {
                     let action = self.decide("ready", |m, now| m.start_succeeded(ep, now));
                     let generation = self.lock().generation();
-                    tokio::spawn(self.clone().watch_running(generation));
+                    self.spawn(self.clone().watch_running(generation));
                     self.act(action);
                 }
                 Err(error) => {
@@ -425,7 +466,7 @@ impl Lifecycle {
                     let action = self.decide("stop failed", |m, now| m.stop_failed(now));
                     if let State::Running(_) = self.state() {
                         let generation = self.lock().generation();
-                        tokio::spawn(self.clone().watch_running(generation));
+                        self.spawn(self.clone().watch_running(generation));
                     }
                     action
                 }
@@ -522,7 +563,7 @@ impl Lifecycle {
             }
         });
         if action == Action::Stop {
-            tokio::spawn(self.clone().run_stop());
+            self.spawn(self.clone().run_stop());
             return true;
         }
         false
@@ -542,7 +583,9 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.lifecycle.lock().abandon();
+            let mut m = self.lifecycle.lock();
+            m.abandon();
+            self.lifecycle.gauges(&m);
         }
     }
 }
@@ -580,7 +623,12 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let action = self.lifecycle.lock().release(Instant::now());
+        let action = {
+            let mut m = self.lifecycle.lock();
+            let action = m.release(Instant::now());
+            self.lifecycle.gauges(&m);
+            action
+        };
         if action != Action::None {
             self.lifecycle.decide("drained", |_, _| ());
             if tokio::runtime::Handle::try_current().is_ok() {
@@ -684,7 +732,8 @@ impl Handle {
         if self.state() == State::Absent {
             return false;
         }
-        match self.lifecycle.backend.in_use_elsewhere().await {
+        let asked = self.lifecycle.backend.in_use_elsewhere();
+        match telemetry::scope(&self.lifecycle.name, asked).await {
             Ok(shared) => shared,
             Err(e) => {
                 warn!(machine = self.name(), error = %e, "could not tell whether other replicas use the machine");

@@ -138,7 +138,7 @@ where
         };
         let mut res = res;
         res.extensions_mut().insert(crate::MachineResponse {
-            machine: route.inner.lifecycle.name_arc(),
+            machine: route.inner.lifecycle.name_arc().clone(),
             waited_for_start: waited,
         });
         res

@@ -126,6 +126,21 @@ impl Proxy {
         proxy
     }
 
+    /// The admin listener's address (`[admin]` with port 0), from its log line, which comes
+    /// before the proxy's own.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.log();
+        let rest = log
+            .split("admin_addr=")
+            .nth(1)
+            .unwrap_or_else(|| panic!("the binary did not say where the admin API is:\n{log}"));
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        addr.parse().unwrap()
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -412,3 +412,39 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// `promtool check metrics` on `text`; `None` (and a message) when promtool is missing outside
+/// CI, where `.ci/run` installs it.
+pub fn promtool_check(text: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let spawned = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!(
+                "SKIPPED the promtool check: promtool is not installed ({e}); .ci/run installs it"
+            );
+            return None;
+        }
+        Err(e) => panic!("promtool is required under CI=true: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), said))
+}

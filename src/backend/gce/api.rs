@@ -321,7 +321,13 @@ impl Api {
         url: &str,
         body: Option<&Value>,
     ) -> Result<Value, GceError> {
-        let headers = self.auth_headers().await?;
+        let headers = match self.auth_headers().await {
+            Ok(h) => h,
+            Err(e) => {
+                self.record(call, "error");
+                return Err(e);
+            }
+        };
         debug!(call, %method, url, "Compute Engine call");
         let method_has_body = method == Method::POST;
         let mut req = self.http.request(method, url).headers(headers);
@@ -342,14 +348,35 @@ impl Api {
                 format!("{url}: {}", error_chain(&e)),
             )
         };
-        let res = req.send().await.map_err(transport)?;
+        let res = match req.send().await {
+            Ok(res) => res,
+            Err(e) => {
+                self.record(call, "error");
+                return Err(transport(e));
+            }
+        };
         let status = res.status();
+        self.record(
+            call,
+            match status.as_u16() {
+                200..=299 => "ok",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                300..=399 => "3xx",
+                _ => "1xx",
+            },
+        );
         let bytes = res.bytes().await.map_err(transport)?;
         if !status.is_success() {
             return Err(GceError::from_http(call, status.as_u16(), &bytes));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| GceError::new(GceErrorKind::Other, call, "badJson", format!("{url}: {e}")))
+    }
+
+    /// Counts one REST request (`vmproxy_backend_calls_total`).
+    fn record(&self, call: &'static str, result: &'static str) {
+        crate::telemetry::backend_call(&self.instance, call, result);
     }
 
     fn request_id() -> String {
