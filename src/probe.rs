@@ -13,7 +13,10 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
+
+/// How often a start that is not ready yet says so at INFO.
+const PROBE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 use crate::backend::{Backend, Endpoint};
 use crate::BoxError;
@@ -31,6 +34,7 @@ pub(crate) struct ProbeConfig {
 /// machine's status every `status_interval`, so a machine that died while booting fails the
 /// start instead of being probed until the start timeout.
 pub(crate) async fn wait_ready(
+    machine: &str,
     ep: Endpoint,
     cfg: &ProbeConfig,
     backend: &dyn Backend,
@@ -39,16 +43,25 @@ pub(crate) async fn wait_ready(
     let mut next_status = status_every.map(|every| Instant::now() + every);
     let mut gap = cfg.initial;
     let mut attempts = 0u32;
+    let began = Instant::now();
+    // Failed probes are logged at INFO now and then, so a start that never becomes ready says
+    // why, without a line every 150 ms.
+    let mut next_report = began + PROBE_REPORT_EVERY;
     loop {
         attempts += 1;
-        match tokio::time::timeout(cfg.attempt_timeout, attempt(ep, &cfg.path)).await {
+        let why = match tokio::time::timeout(cfg.attempt_timeout, attempt(ep, &cfg.path)).await {
             Ok(Ok(status)) if status.is_success() => {
                 debug!(%ep, attempts, "ready");
                 return Ok(());
             }
-            Ok(Ok(status)) => debug!(%ep, %status, "not ready"),
-            Ok(Err(e)) => debug!(%ep, error = %e, "not ready"),
-            Err(_) => debug!(%ep, "probe timed out"),
+            Ok(Ok(status)) => format!("{} answered {status}", cfg.path),
+            Ok(Err(e)) => format!("{e}"),
+            Err(_) => format!("no answer within {:?}", cfg.attempt_timeout),
+        };
+        debug!(%ep, attempts, %why, "not ready");
+        if Instant::now() >= next_report {
+            next_report = Instant::now() + PROBE_REPORT_EVERY;
+            info!(machine, %ep, attempts, waited = ?began.elapsed(), last = %why, "not ready yet");
         }
         if let (Some(at), Some(every)) = (next_status, status_every) {
             if Instant::now() >= at {

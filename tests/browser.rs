@@ -77,3 +77,88 @@ async fn a_browser_on_a_cold_route_ends_on_the_machine_s_page() {
     assert_eq!(backend.starts(), 2);
     browser.close().await;
 }
+
+/// Serves the admin service for `layer` on 127.0.0.1:0.
+async fn admin(layer: &vmproxy::VmProxyLayer) -> std::net::SocketAddr {
+    let admin = vmproxy::admin::Admin::for_layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(vmproxy::server::Server::new().serve(listener, admin, std::future::pending()));
+    addr
+}
+
+/// The `data-state` of a machine's row on the status page.
+async fn row_state(browser: &Browser, name: &str) -> Option<String> {
+    let row = browser.find(&format!("#machine-{name}")).await?;
+    row.attr("data-state").await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_follows_the_machine_live_and_its_buttons_work() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let backend = FakeBackend::new(Duration::from_millis(800));
+    let route = route(backend.clone()).name("notebook").build().unwrap();
+    let handle = route.handle();
+    let layer = vmproxy::VmProxyLayer::new(route);
+    let addr = admin(&layer).await;
+    browser.goto(&format!("http://{addr}/")).await;
+    let mut state = None;
+    for _ in 0..100 {
+        state = row_state(&browser, "notebook").await;
+        if state.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state.as_deref(), Some("absent"));
+    // A mark on this document: a reload would lose it.
+    browser
+        .client()
+        .execute("window.__notReloaded = true; return null;", vec![])
+        .await
+        .unwrap();
+
+    // Started from outside the page: the row follows without a reload.
+    handle.start().await.unwrap();
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = row_state(&browser, "notebook").await.unwrap_or_default();
+        if seen == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, "running", "the page did not follow the start");
+    let kept = browser
+        .client()
+        .execute("return window.__notReloaded === true;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, serde_json::Value::Bool(true), "the page was reloaded");
+    if let Ok(path) = std::env::var("STATUS_PAGE_PNG") {
+        std::fs::write(&path, browser.screenshot().await).unwrap();
+    }
+
+    // Its stop button stops the machine.
+    let stop = browser
+        .find("#machine-notebook button[data-action=\"stop\"]")
+        .await
+        .expect("a stop button");
+    stop.click().await.unwrap();
+    eventually(Duration::from_secs(10), || {
+        handle.state() == vmproxy::State::Absent
+    })
+    .await;
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = row_state(&browser, "notebook").await.unwrap_or_default();
+        if seen == "absent" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, "absent");
+    browser.close().await;
+}

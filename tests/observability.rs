@@ -125,3 +125,96 @@ async fn the_handle_reports_phase_counts_idle_time_and_boots() {
         s.last_error
     );
 }
+
+const BINARY_CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[[route]]
+path = "/app"
+strip_prefix = true
+health_path = "/"
+name = "files"
+
+[route.process]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+"#;
+
+#[tokio::test]
+async fn the_binary_logs_each_request_with_its_id_machine_and_wait() {
+    let p = binary::Proxy::start(BINARY_CONFIG, &[]);
+    let req = http::Request::get("/app/")
+        .header("host", "front.test")
+        .header("x-request-id", "client-chose-this")
+        .header("authorization", "Bearer secret-token")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = send(p.addr, req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "client-chose-this",
+        "kept and returned"
+    );
+    let (_, headers, _) = get_text(p.addr, "/app/").await;
+    let made = headers
+        .get("x-request-id")
+        .expect("an id is made when the client sent none")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, _) = get_text(p.addr, "/elsewhere").await;
+    assert_eq!(status, 404);
+
+    eventually(Duration::from_secs(5), || {
+        p.log().matches(" served").count() >= 3
+    })
+    .await;
+    let log = p.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" served")).collect();
+    let first = lines[0];
+    for part in [
+        "client-chose-this",
+        "method=GET",
+        "path=/app/",
+        "status=200",
+        "machine=\"files\"",
+        "waited_for_start=true",
+        "latency_ms=",
+    ] {
+        assert!(first.contains(part), "{part} missing: {first}");
+    }
+    assert!(
+        lines[1].contains(&made) && lines[1].contains("waited_for_start=false"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains("status=404") && !lines[2].contains("machine="),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        !log.contains("secret-token"),
+        "a credential reached the log"
+    );
+}
+
+#[tokio::test]
+async fn a_start_that_never_becomes_ready_says_why() {
+    let config = BINARY_CONFIG.replace(
+        "health_path = \"/\"",
+        "health_path = \"/no-such-page\"\ncold_start_timeout = \"7s\"",
+    );
+    let p = binary::Proxy::start(&config, &[]);
+    let (status, _, body) = get_text(p.addr, "/app/").await;
+    assert_eq!(status, 504, "{body}");
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("not ready yet"))
+        .unwrap_or_else(|| panic!("no progress line:\n{log}"));
+    assert!(
+        line.contains("INFO") && line.contains("404") && line.contains("files"),
+        "{line}"
+    );
+}

@@ -449,7 +449,7 @@ impl Lifecycle {
         let ep = self.backend.start().await?;
         self.observed().probing(Instant::now());
         info!(machine = %self.name, %ep, "backend reports running; probing readiness");
-        probe::wait_ready(ep, &self.probe, &*self.backend).await?;
+        probe::wait_ready(&self.name, ep, &self.probe, &*self.backend).await?;
         Ok(ep)
     }
 

@@ -502,6 +502,7 @@ impl GceBackend {
     }
 
     async fn start_vm(&self) -> Result<Endpoint, GceError> {
+        let mut last_status = String::new();
         loop {
             let Some(inst) = self.api.get().await? else {
                 info!(instance = %self.spec.name, zone = %self.spec.zone, "creating the instance");
@@ -522,7 +523,11 @@ impl GceBackend {
                 }
                 continue;
             };
-            debug!(instance = %self.spec.name, status = %inst.status, "instance found");
+            if inst.status != last_status {
+                // The platform's progress, so a slow start says where it is.
+                info!(instance = %self.spec.name, zone = %self.spec.zone, status = %inst.status, "instance status");
+                last_status.clone_from(&inst.status);
+            }
             match inst.status.as_str() {
                 "RUNNING" => {
                     let ep = self.endpoint_of(&inst)?;
