@@ -6,7 +6,11 @@
 //! curl http://127.0.0.1:3000/app/      # first time: starts the machine (~2 s), then answers
 //! curl http://127.0.0.1:3000/app/hi    # warm: answered at once by the same process
 //! # wait 15 s with no request: the machine is stopped (see the log); the next /app request starts it again
+//! curl http://127.0.0.1:3000/admin/metrics    # Prometheus metrics; /admin/ is the live status page
 //! ```
+//!
+//! A browser that opens http://127.0.0.1:3000/app/ while the machine is down gets a waiting page
+//! at once, which turns into the machine's own page when it is up.
 //!
 //! The "machine" is this same program run with `--backend PORT`: a tiny HTTP server that takes
 //! two seconds to boot, like a slow VM, and needs nothing outside this repository.
@@ -17,8 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::Request;
 use axum::routing::get;
 use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use vmproxy::admin::Admin;
 use vmproxy::backend::process::ProcessBackend;
-use vmproxy::{Route, VmProxyLayer};
+use vmproxy::{telemetry, Route, VmProxyLayer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -43,20 +49,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     ])?
     .name("quickstart-backend")
     .stop_grace(Duration::from_secs(2));
+    // Metrics go to a Prometheus recorder; the admin service renders them.
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::COLD_START_SECONDS.to_owned()),
+            telemetry::COLD_START_BUCKETS,
+        )?
+        .build_recorder();
+    let prometheus = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    telemetry::describe();
+
     let route = Route::builder("/app", machine)
         .strip_prefix(true)
         .health_path("/healthz")
         .idle_timeout(Some(Duration::from_secs(15)))
         .cold_start_timeout(Duration::from_secs(30))
+        .waiting_page(true) // browsers see a page that turns into the machine's once it runs
         .build()?;
     let handle = route.handle();
+    let layer = VmProxyLayer::new(route);
+    // The status page, JSON API and metrics, mounted in the app itself (the binary serves them
+    // on a listener of their own instead).
+    let admin = Admin::for_layer(&layer).metrics(move || prometheus.render());
 
     let app = Router::new()
         .route(
             "/",
             get(|| async { "front: always on. Try /app/ — it starts a machine on demand.\n" }),
         )
-        .layer(VmProxyLayer::new(route));
+        .nest_service("/admin", admin)
+        .layer(layer);
 
     let addr: SocketAddr = std::env::var("QUICKSTART_ADDR")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
