@@ -31,13 +31,8 @@ Logs go to stderr; RUST_LOG sets the filter (default: info).";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // Held until main returns, so that every line, the last ones included, is written. The
-    // writer thread flushes whenever it has drained the lines waiting for it: buffered, a
-    // burst of lines is one write(2), not one per line (a write per access-log line was half
-    // the writer thread's time under load).
-    let (log_writer, _log_guard) = tracing_appender::non_blocking(
-        std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()),
-    );
+    // Held until main returns, so that every line, the last ones included, is written.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking(PacedStderr::new());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -307,6 +302,41 @@ where
         .layer(trace)
         .layer(PropagateRequestIdLayer::x_request_id())
         .service(app)
+}
+
+/// Stderr as the log writer's thread writes it: buffered, and flushed in bursts. The thread
+/// flushes whenever it has drained the lines waiting for it; unbuffered and unpaced, under load
+/// that was a write(2) per access-log line and a thread woken (and spinning in `sched_yield`)
+/// per line, on the cores the requests need. After a flush it rests [`LOG_PACE`], so lines are
+/// written at most that much later and a burst of them is one write.
+struct PacedStderr(std::io::BufWriter<std::io::Stderr>);
+
+/// How long the log writer rests after a flush.
+const LOG_PACE: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl PacedStderr {
+    fn new() -> Self {
+        PacedStderr(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ))
+    }
+}
+
+impl std::io::Write for PacedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        std::thread::sleep(LOG_PACE);
+        Ok(())
+    }
 }
 
 /// A duration in milliseconds with microsecond precision (`12.345`), written with integer
