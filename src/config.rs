@@ -66,6 +66,12 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Connections served at once; more wait in the backlog (default: from the open-file limit).
     pub max_connections: Option<usize>,
+    /// The listen backlog (default 4096, capped by the system's `net.core.somaxconn`).
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
+    /// Threads serving connections, each with its own runtime and listening socket (default:
+    /// one per core).
+    pub workers: Option<usize>,
     /// The routes, matched in order.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -259,11 +265,14 @@ impl Config {
         if let Some(admin) = &self.admin {
             admin.check(self.listen)?;
         }
-        if self.max_connections == Some(0) {
-            return Err(ConfigFileError::new(
-                "max_connections",
-                "must be at least 1",
-            ));
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("workers", self.workers),
+            ("listen_backlog", Some(self.listen_backlog as usize)),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigFileError::new(key, "must be at least 1"));
+            }
         }
         let mut seen: Vec<(usize, &str, String)> = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -344,7 +353,12 @@ impl Config {
             .header_read_timeout(self.header_read_timeout)
             .keepalive_timeout(self.keepalive_timeout)
             .request_body_timeout(self.request_body_timeout)
-            .send_timeout(self.send_timeout);
+            .send_timeout(self.send_timeout)
+            .listen_backlog(self.listen_backlog)
+            .workers(
+                self.workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            );
         match self.max_connections {
             Some(max) => server.max_connections(max),
             None => server,
@@ -515,6 +529,10 @@ fn default_request_body_timeout() -> Duration {
     crate::server::REQUEST_BODY_TIMEOUT
 }
 
+fn default_listen_backlog() -> u32 {
+    crate::server::LISTEN_BACKLOG
+}
+
 fn default_send_timeout() -> Duration {
     crate::server::SEND_TIMEOUT
 }
@@ -635,6 +653,8 @@ stop_grace = "10s"
         for (key, line) in [
             ("header_read_timeout", "header_read_timeout = \"0s\""),
             ("max_connections", "max_connections = 0"),
+            ("workers", "workers = 0"),
+            ("listen_backlog", "listen_backlog = 0"),
         ] {
             let e = err(&GOOD.replace(
                 "listen = \"127.0.0.1:8080\"",

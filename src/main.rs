@@ -116,7 +116,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match config.server().bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -156,6 +156,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             // connections (event streams never end on their own).
             let server = config
                 .server()
+                .workers(1)
                 .serve(listener, admin, std::future::pending());
             info!(%admin_addr, token = admin_config.token.is_some(), "admin API and status page");
             Some(tokio::spawn(server))

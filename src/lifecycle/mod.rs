@@ -90,6 +90,8 @@ pub(crate) struct Lifecycle {
     stops: AtomicU64,
     /// What operators are shown; never consulted for a decision.
     observed: Mutex<Observed>,
+    /// The runtime the machine was made on; see `spawn_at_home`.
+    home: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -127,6 +129,7 @@ impl Lifecycle {
             idle_timeout,
             stops: AtomicU64::new(0),
             observed: Mutex::new(Observed::default()),
+            home: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -204,7 +207,25 @@ impl Lifecycle {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        tokio::spawn(telemetry::scope(&self.name, fut));
+        self.spawn_at_home(telemetry::scope(&self.name, fut));
+    }
+
+    /// Spawns `fut` on the runtime the machine was made on, when there is one: a server with a
+    /// runtime per worker thread ends those runtimes (and every task on them) when it stops
+    /// serving, while starting, stopping and upgraded connections must outlive it.
+    pub(crate) fn spawn_at_home<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.home {
+            Some(home) => drop(home.spawn(fut)),
+            None => drop(tokio::spawn(fut)),
+        }
+    }
+
+    /// Whether a task can be spawned from here.
+    fn can_spawn(&self) -> bool {
+        self.home.is_some() || tokio::runtime::Handle::try_current().is_ok()
     }
 
     fn act(self: &Arc<Self>, action: Action) {
@@ -631,7 +652,7 @@ impl Drop for Lease {
         };
         if action != Action::None {
             self.lifecycle.decide("drained", |_, _| ());
-            if tokio::runtime::Handle::try_current().is_ok() {
+            if self.lifecycle.can_spawn() {
                 self.lifecycle.act(action);
             }
         }
