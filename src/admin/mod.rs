@@ -404,9 +404,9 @@ fn start(handle: Handle, wait: bool) -> AdminFuture {
             Some(Err(e)) => {
                 let mut res = error(e.status(), &e.to_string());
                 if let Some(after) = e.retry_after() {
-                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    let secs = crate::error::retry_after_secs(after);
                     res.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
                 res
             }
