@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Endpoint, Status};
 use crate::probe::{self, ProbeConfig};
@@ -271,6 +271,10 @@ impl Lifecycle {
                         self.publish(&m, before, age, "request refused by its deadline");
                     }
                     drop(m);
+                    debug!(
+                        machine = %self.name, expected = ?deadline.expected, wait = ?deadline.wait,
+                        "deadline admission: refused at once, the start goes on"
+                    );
                     self.act(action);
                     return Err(Error::start_too_slow(
                         &self.name,
