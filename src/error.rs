@@ -329,3 +329,49 @@ impl std::error::Error for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after(e: &Error) -> String {
+        let res = e.to_response(|s| s);
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{e}");
+        res.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        let ms = Duration::from_millis;
+        for (d, secs) in [(0, 1), (1, 1), (999, 1), (1000, 1), (1001, 2), (4200, 5)] {
+            assert_eq!(retry_after_secs(ms(d)), secs, "{d} ms");
+        }
+        // During a start: the start's expected time left, or a second when none is known.
+        assert_eq!(retry_after(&Error::overloaded("m", 5, Some(ms(2500)))), "3");
+        assert_eq!(retry_after(&Error::overloaded("m", 5, Some(ms(0)))), "1");
+        assert_eq!(retry_after(&Error::overloaded("m", 5, None)), "1");
+        // In the back-off: what is left of it.
+        let boom: Arc<BoxError> = Arc::new("boom".into());
+        assert_eq!(retry_after(&Error::start_failed("m", boom, ms(7300))), "8");
+    }
+
+    #[test]
+    fn a_deadline_refusal_is_a_503_that_says_why() {
+        let e = Error::start_too_slow(
+            "gpu",
+            Duration::from_millis(41_200),
+            Duration::from_secs(30),
+        );
+        assert_eq!(retry_after(&e), "42");
+        let text = e.to_string();
+        assert!(
+            text.contains("machine gpu is starting")
+                && text.contains("ready in about 42 s")
+                && text.contains("cold_start_timeout 30s"),
+            "{text}"
+        );
+    }
+}
