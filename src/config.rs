@@ -37,7 +37,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backend::process::ProcessBackend;
 use crate::waiting::Template;
-use crate::{Route, RouteBuilder, VmProxyLayer};
+use crate::{Admission, Route, RouteBuilder, VmProxyLayer};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -121,6 +121,11 @@ pub struct RouteConfig {
     /// How long a request waits for a cold start before 504 (default "5m").
     #[serde(default, deserialize_with = "opt_duration")]
     pub cold_start_timeout: Option<Duration>,
+    /// `"wait"` (default), or `"deadline"`: a request that past starts say would not be served
+    /// within `cold_start_timeout` gets 503 + `Retry-After` at once (see
+    /// [`RouteBuilder::admission`]).
+    #[serde(default, deserialize_with = "opt_admission")]
+    pub admission: Option<Admission>,
     /// How long a start may take before it is given up (default "10m").
     #[serde(default, deserialize_with = "opt_duration")]
     pub start_timeout: Option<Duration>,
@@ -438,6 +443,9 @@ impl RouteConfig {
         if let Some(d) = self.cold_start_timeout {
             builder = builder.cold_start_timeout(d);
         }
+        if let Some(a) = self.admission {
+            builder = builder.admission(a);
+        }
         if let Some(d) = self.start_timeout {
             builder = builder.start_timeout(d);
         }
@@ -550,6 +558,13 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+fn opt_admission<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Admission>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map(Some)
+        .map_err(|e: crate::ConfigError| serde::de::Error::custom(e.reason()))
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -759,6 +774,26 @@ stop_grace = "10s"
         assert!(w[0].starts_with("route[1].name"), "{w:?}");
         let named = two.replace("path = \"/b\"", "path = \"/b\"\nname = \"b\"");
         assert!(Config::parse(&named).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn admission_is_wait_or_deadline() {
+        let with = |line: &str| GOOD.replace("max_pending = 10000", line);
+        assert_eq!(Config::parse(GOOD).unwrap().routes[0].admission, None);
+        for (value, admission) in [("wait", Admission::Wait), ("deadline", Admission::Deadline)] {
+            let c = Config::parse(&with(&format!("admission = \"{value}\""))).unwrap();
+            assert_eq!(c.routes[0].admission, Some(admission));
+        }
+        for bad in ["\"Deadline\"", "\"\"", "\"fast\"", "true", "1"] {
+            let e = err(&with(&format!("admission = {bad}")));
+            assert_eq!(e.key(), "route[0].admission", "{bad}: {e}");
+        }
+        let e = err(&with("admission = \"fast\""));
+        assert!(
+            e.to_string()
+                .contains("\"fast\" is not an admission; write \"wait\" or \"deadline\""),
+            "{e}"
+        );
     }
 
     #[test]
