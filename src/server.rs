@@ -14,7 +14,8 @@
 //!   reused.
 //! - A client that reads nothing of its response for `send_timeout` is disconnected.
 //! - At most `max_connections` connections are served at once; more wait in the listen backlog
-//!   until one closes, while the others are served as usual.
+//!   (one per worker accepted but unserved) until one closes, while the others are served as
+//!   usual.
 //! - An upgraded connection (WebSocket) is the application's from then on: none of these
 //!   timers apply to it.
 //!
@@ -446,17 +447,16 @@ async fn accept_loop<S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().timer(TokioTimer::new());
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http2().timer(TokioTimer::new());
+    let protocols = Arc::new(Protocols {
+        http1: hyper::server::conn::http1::Builder::new(),
+        auto,
+    });
     let limits = &shared.limits;
     loop {
         while connections.try_join_next().is_some() {}
-        let slot = tokio::select! {
-            () = reached(&mut phase, Phase::Draining) => break,
-            slot = shared.slots.clone().acquire_owned() => slot.expect("never closed"),
-        };
         let (stream, peer) = tokio::select! {
             () = reached(&mut phase, Phase::Draining) => break,
             accepted = listener.accept() => match accepted {
@@ -470,6 +470,13 @@ async fn accept_loop<S, B>(
                 }
             },
         };
+        // Accepted first, then a slot: a worker waiting for a slot before accepting would hold
+        // it while the connections arrive on another worker's socket. Past the cap, each
+        // worker holds at most this one connection, unserved, until a slot frees.
+        let slot = tokio::select! {
+            () = reached(&mut phase, Phase::Draining) => break,
+            slot = shared.slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
         let _ = stream.set_nodelay(true);
         // The slot goes with the socket: an upgraded connection (a WebSocket) that outlives
         // hyper's handling of it still counts against the cap.
@@ -480,24 +487,77 @@ async fn accept_loop<S, B>(
             peer,
             body_timeout: limits.request_body_timeout,
         };
-        let serving = builder
-            .serve_connection_with_upgrades(TokioIo::new(conn), tracked)
-            .into_owned();
-        let serving = graceful.watch(serving);
-        connections.spawn(async move {
-            if let Err(e) = serving.await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        connections.spawn(serve_connection(
+            conn,
+            tracked,
+            protocols.clone(),
+            phase.clone(),
+        ));
     }
     drop(listener);
-    let drained = async {
-        graceful.shutdown().await;
-        while connections.join_next().await.is_some() {}
-    };
+    let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
         () = drained => {}
         () = reached(&mut phase, Phase::Abort) => {}
+    }
+}
+
+/// A worker's connection builders.
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    /// Either protocol, told apart by the first bytes.
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one connection until it ends, or shuts it down gracefully once told to drain.
+///
+/// A connection whose first bytes are no HTTP/2 preface goes straight to hyper's HTTP/1 server:
+/// the auto-detecting one replays the bytes it read to tell, and its HTTP/1 side then grows its
+/// 8 KiB read buffer to 16 KiB for the rest of the head, for as long as the connection lives.
+async fn serve_connection<S, B>(
+    conn: Connection,
+    service: Tracked<S>,
+    protocols: Arc<Protocols>,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let peer = service.peer;
+    let served = if !conn.may_be_http2().await {
+        let serving = protocols
+            .http1
+            .serve_connection(TokioIo::new(conn), service)
+            .with_upgrades();
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => served.map_err(BoxError::from),
+            () = reached(&mut phase, Phase::Draining) => {
+                serving.as_mut().graceful_shutdown();
+                serving.await.map_err(BoxError::from)
+            }
+        }
+    } else {
+        let serving = protocols
+            .auto
+            .serve_connection_with_upgrades(TokioIo::new(conn), service);
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => served,
+            () = reached(&mut phase, Phase::Draining) => {
+                serving.as_mut().graceful_shutdown();
+                serving.await
+            }
+        }
+    };
+    if let Err(e) = served {
+        debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -629,6 +689,17 @@ impl Connection {
 }
 
 impl Connection {
+    /// Whether the first bytes are (or begin) the HTTP/2 preface: read without consuming them,
+    /// within the time the client has for its first request head. A client that sends
+    /// nothing in time, or leaves, is HTTP/1's to answer (408) or close.
+    async fn may_be_http2(&self) -> bool {
+        let mut first = [0u8; H2_PREFACE.len()];
+        match tokio::time::timeout_at(self.timer.deadline(), self.io.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => H2_PREFACE.starts_with(&first[..n]),
+            _ => false,
+        }
+    }
+
     /// When the connection, idle now, is closed, and whether a request head has begun then.
     fn deadline(&mut self) -> (Instant, Option<Instant>) {
         let epoch = self.state.idle_epoch.load(Ordering::Acquire);
