@@ -26,19 +26,24 @@
 //! - **Timeout inside the proxy.** tower-http's `TimeoutLayer` times the response future: until
 //!   the response head. For a proxied request that includes the whole cold start (minutes for a
 //!   VM), and for an upload the whole request body when the machine answers after reading it.
-//!   Outside the proxy a 1 s timeout answers such requests with its own status and drops the
-//!   request. The proxy has timeouts of its own for the machine (`cold_start_timeout`,
-//!   `response_header_timeout` on the route); the front's handlers get this one.
+//!   Outside the proxy a 1 s timeout answers such requests with its own status and drops them
+//!   (it does not even compile there as is: it needs a `Default` body, so the response body has
+//!   to be mapped first). The proxy has timeouts of its own for the machine
+//!   (`cold_start_timeout`, `response_header_timeout` on the route); the front's handlers get
+//!   this one.
 //! - **Concurrency limit inside the proxy.** `ConcurrencyLimit` holds its permit until the
 //!   response head too: outside the proxy, requests waiting for a cold start would take every
 //!   permit and the always-on front would stop answering. The proxy admits its own waiters
 //!   (`max_pending` on the route).
-//! - **Compression outside, but only for whole bodies.** tower-http's `CompressionLayer` skips
-//!   responses that already have a `Content-Encoding`, but it does not look at the status (a
-//!   `101 Switching Protocols` would be labelled `Content-Encoding: gzip` by a predicate that lets
-//!   it through) and its encoder holds a streamed body back until its buffer fills, a streamed
-//!   body from the machine included. `WholeBodies` lets it compress only a body whose exact size
-//!   is known (an axum `String`, a file the machine sends with `Content-Length`) and never a 1xx.
+//! - **Compression outside, but only for whole bodies.** tower-http's `CompressionLayer` skips a
+//!   response that already has a `Content-Encoding` or a `Content-Range`, but it does not look at
+//!   the status: a predicate that lets a `101 Switching Protocols` through gets it labelled
+//!   `Content-Encoding: gzip` (hyper sends no body after a 101, so only the label is wrong, but
+//!   the connection belongs to another protocol from then on). A stream of unknown length it
+//!   would re-encode on the front as it passes (flushing whenever the stream waits), dropping
+//!   `Content-Length` and `Accept-Ranges`, and spending the front's CPU on downloads that are
+//!   often compressed already. `WholeBodies` lets it compress only a body whose exact size is
+//!   known (an axum `String`, a file the machine sends with `Content-Length`) and never a 1xx.
 //! - **Trace outermost**, so a line is logged for every request, including those the proxy
 //!   answers itself (503 while a start failed, 504 after `cold_start_timeout`).
 
@@ -114,7 +119,7 @@ impl Predicate for WholeBodies {
         B: HttpBody,
     {
         // A 101's connection belongs to another protocol after the head; a body of unknown
-        // size is a stream whose chunks must reach the client as they are sent.
+        // size is a stream, passed on as the machine sends it.
         !response.status().is_informational()
             && (response.body().size_hint().exact().is_some()
                 || response
