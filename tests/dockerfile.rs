@@ -347,3 +347,39 @@ impl Drop for Guard {
         }
     }
 }
+
+/// The first ```toml block of `doc` (a path from the crate's root).
+fn toml_block(doc: &str) -> String {
+    let text = std::fs::read_to_string(Path::new(ROOT).join(doc)).unwrap();
+    text.split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_else(|| panic!("{doc} has a ```toml block"))
+        .to_owned()
+}
+
+/// docs/cloud-run.md's config, as written: it passes `--check` with and without `$PORT`.
+#[cfg(feature = "gce")]
+#[test]
+fn the_cloud_run_config_checks() {
+    let config = toml_block("docs/cloud-run.md");
+    assert!(
+        config.contains("listen = \"0.0.0.0:${PORT:-8080}\""),
+        "{config}"
+    );
+    let file = TempFile::new(&config);
+    for port in [None, Some("9999")] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(file.path()).arg("--check");
+        match port {
+            Some(p) => cmd.env("PORT", p),
+            None => cmd.env_remove("PORT"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "PORT={port:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
