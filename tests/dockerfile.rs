@@ -383,3 +383,61 @@ fn the_cloud_run_config_checks() {
         );
     }
 }
+
+/// docs/vmproxy.service: `systemd-analyze verify` finds nothing to say (when installed), and its
+/// `ExecStart` is a command line the binary takes.
+#[test]
+fn the_systemd_unit_verifies_and_its_command_line_works() {
+    let unit = std::fs::read_to_string(Path::new(ROOT).join("docs/vmproxy.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(
+        argv[0], "/usr/local/bin/vmproxy",
+        "where docs/systemd.md installs it"
+    );
+    assert_eq!(argv[1..], ["--config", CONFIG_IN_IMAGE]);
+
+    let config = TempFile::new(
+        "listen = \"127.0.0.1:8080\"\n[[route]]\npath = \"/app\"\n[route.process]\ncommand = [\"python3\", \"-m\", \"http.server\", \"{port}\"]\n",
+    );
+    let out = Command::new(BIN)
+        .args(argv[1..].iter().map(|a| {
+            if *a == CONFIG_IN_IMAGE {
+                config.path().as_os_str()
+            } else {
+                std::ffi::OsStr::new(a)
+            }
+        }))
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // verify wants the unit's own name and an ExecStart that exists.
+    let dir = std::env::temp_dir().join(format!("vmproxy-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vmproxy.service");
+    std::fs::write(&file, unit.replace("/usr/local/bin/vmproxy", BIN)).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&file)
+        .output();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let Ok(verify) = verify else {
+        eprintln!("systemd-analyze is not installed; the unit is not verified");
+        return;
+    };
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+}
