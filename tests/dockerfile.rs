@@ -256,19 +256,21 @@ fn free_port() -> u16 {
 async fn the_image_command_serves_on_port_from_the_environment() {
     let stages = dockerfile();
     let final_stage = stages.last().unwrap();
-    // As the README's Docker section has it, but on loopback (tests talk to 127.0.0.1 only).
-    let config = TempFile::new(
+    // The README's Docker section's listen line, on loopback (tests talk to 127.0.0.1 only).
+    let listen = readme_docker_listen().replace("0.0.0.0:", "127.0.0.1:");
+    assert!(listen.contains("${PORT"), "{listen}");
+    let config = TempFile::new(&format!(
         r#"
-listen = "127.0.0.1:${PORT:-8080}"
+{listen}
 
 [[route]]
 path = "/app"
 strip_prefix = true
 
 [route.process]
-command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
-"#,
-    );
+command = ["python3", "-m", "http.server", "{{port}}", "--bind", "127.0.0.1"]
+"#
+    ));
     let port = free_port();
     let argv: Vec<String> = command_line(final_stage)
         .into_iter()
@@ -440,4 +442,62 @@ fn the_systemd_unit_verifies_and_its_command_line_works() {
         String::from_utf8_lossy(&verify.stderr)
     );
     assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// The README's Deploy section, up to the next `## `.
+fn readme_deploy() -> String {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let start = readme
+        .find("## Deploy")
+        .expect("the README has a Deploy section");
+    let rest = &readme[start + 3..];
+    rest[..rest.find("\n## ").unwrap_or(rest.len())].to_owned()
+}
+
+/// The `listen = ...` line the README's Docker section gives.
+fn readme_docker_listen() -> String {
+    readme_deploy()
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .expect("the Docker section shows its listen line")
+        .to_owned()
+}
+
+/// The README's `docker build` and `docker run` lines fit the image: the tag, the mounted config
+/// path (the one CMD reads), the published port (the one EXPOSEd, the config's default).
+#[test]
+fn the_readme_docker_commands_fit_the_image() {
+    let deploy = readme_deploy();
+    let build: Vec<&str> = deploy
+        .lines()
+        .find(|l| l.starts_with("docker build"))
+        .expect("docker build")
+        .split_whitespace()
+        .collect();
+    let run: Vec<&str> = deploy
+        .lines()
+        .find(|l| l.starts_with("docker run"))
+        .expect("docker run")
+        .split_whitespace()
+        .collect();
+    let tag = build[build.iter().position(|w| *w == "-t").unwrap() + 1];
+    assert_eq!(build.last(), Some(&"."), "built from the repository's root");
+    assert_eq!(run.last(), Some(&tag), "runs the image it built");
+
+    let stages = dockerfile();
+    let final_stage = stages.last().unwrap();
+    let volume = run[run.iter().position(|w| *w == "-v").unwrap() + 1];
+    let (_, inside) = volume.rsplit_once(':').unwrap();
+    assert_eq!(inside, CONFIG_IN_IMAGE, "mounted where CMD reads it");
+    assert!(command_line(final_stage).iter().any(|a| a == inside));
+
+    let publish = run[run.iter().position(|w| *w == "-p").unwrap() + 1];
+    let (_, container_port) = publish.rsplit_once(':').unwrap();
+    let exposed = &last(final_stage, "EXPOSE").args;
+    assert_eq!(container_port, exposed, "publishes the EXPOSEd port");
+    let listen = readme_docker_listen();
+    assert!(
+        listen.contains(&format!(":-{container_port}}}")),
+        "the config's default port is the published one: {listen}"
+    );
 }
