@@ -14,11 +14,10 @@ use std::time::Duration;
 
 use axum::routing::get;
 use bytes::Bytes;
-use common::{eventually, send, FakeBackend};
+use common::{count_body, eventually, send, upload_to_sink, FakeBackend};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::Frame;
+use http_body_util::{BodyExt, Empty};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -118,38 +117,13 @@ async fn sixty_four_mib_stream_through_both_ways_uncut() {
         "a streamed body is not compressed: {:?}",
         res.headers()
     );
-    let mut body = res.into_body();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(d) = frame.unwrap().into_data() {
-            assert!(
-                d.iter().all(|&b| b == b'x'),
-                "the machine's bytes, unchanged"
-            );
-            n += d.len() as u64;
-        }
-    }
+    let n = count_body(res, Some(b'x')).await;
     assert_eq!(n, 64 * MIB);
 
     // Upload: 64 MiB sent over several handler timeouts; the machine answers once it has read
     // it all, so the response head comes long after TIMEOUT.
-    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
-    let up = futures_util::stream::iter(0..1024u32).then(move |i| {
-        let chunk = chunk.clone();
-        async move {
-            if i % 128 == 0 {
-                tokio::time::sleep(TIMEOUT / 2).await;
-            }
-            Ok::<_, std::convert::Infallible>(Frame::data(chunk))
-        }
-    });
-    let req = Request::post("/app/sink")
-        .header("host", "front.test")
-        .body(StreamBody::new(up))
-        .unwrap();
-    let res = send(addr, req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = upload_to_sink(addr, 64, TIMEOUT / 2).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(body, (64 * MIB).to_string());
 }
 

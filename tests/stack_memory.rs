@@ -11,19 +11,12 @@ mod example;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{send, FakeBackend};
+use common::{count_body, rss_kib, send, upload_to_sink, FakeBackend};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::Frame;
+use http_body_util::{BodyExt, Empty};
 use vmproxy::VmProxyLayer;
 
 const MIB: u64 = 1024 * 1024;
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_through_the_stack_without_being_held() {
@@ -55,29 +48,13 @@ async fn sixty_four_mib_through_the_stack_without_being_held() {
     res.into_body().collect().await.unwrap();
     let before = rss_kib();
 
-    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
-    let up = futures_util::stream::iter(
-        (0..1024).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
-    );
-    let req = Request::post("/app/sink")
-        .header("host", "front.test")
-        .body(StreamBody::new(up))
-        .unwrap();
-    let res = send(addr, req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = upload_to_sink(addr, 64, Duration::ZERO).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(body, (64 * MIB).to_string());
 
     let res = send(addr, get("/app/big?mib=64")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let mut body = res.into_body();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(d) = frame.unwrap().into_data() {
-            n += d.len() as u64;
-        }
-    }
-    assert_eq!(n, 64 * MIB);
+    assert_eq!(count_body(res, None).await, 64 * MIB);
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
     // Client, stack and backend share this process: a layer that buffered either body would add
     // at least 64 MiB.
