@@ -11,11 +11,14 @@ import statistics
 import sys
 
 RESULTS = sys.argv[1] if len(sys.argv) > 1 else "benches/results"
-CONFIG_ORDER = ["direct", "vmproxy", "nginx", "arp"]
+CONFIG_ORDER = ["direct", "binary", "nginx", "binary-log", "nginx-log", "vmproxy", "arp"]
 LABEL = {
     "direct": "direct",
-    "vmproxy": "vmproxy",
+    "binary": "vmproxy binary",
     "nginx": "nginx",
+    "binary-log": "vmproxy binary, access log",
+    "nginx-log": "nginx, access log",
+    "vmproxy": "VmProxyLayer in axum::serve",
     "arp": "axum-reverse-proxy",
 }
 out = []
@@ -93,15 +96,23 @@ if warm_rows:
                 p("| %d | %s | %.0f | %.0f | %.0f | %s | %d |" % (c, LABEL[cfg], s["rps"], s["p50"], s["p99"], added, s["err"]))
         p()
 
-    # Targets at 32 connections.
-    p("### Warm-path targets (32 connections)")
+    # The binary against nginx (and axum-reverse-proxy), at every point measured.
+    p("### Warm-path targets: the vmproxy binary against nginx")
     p()
-    p("| body | vmproxy / nginx req/s | vmproxy / axum-reverse-proxy req/s | vmproxy p50 − direct p50 µs |")
-    p("|---|---:|---:|---:|")
+    p("Ratios of medians from the same run; p50/p99 in µs (binary vs nginx).")
+    p()
+    p("| body | conns | binary / nginx req/s | p50 binary vs nginx | p99 binary vs nginx | with access logs: binary / nginx req/s | binary / axum-reverse-proxy req/s |")
+    p("|---|---:|---:|---:|---:|---:|---:|")
     for body in ["small", "big"]:
-        v, n, a, d = (summary.get((body, 32, x)) for x in ["vmproxy", "nginx", "arp", "direct"])
-        if v and n and a and d:
-            p("| %s | %.2f | %.2f | %+.0f |" % (body, v["rps"] / n["rps"], v["rps"] / a["rps"], v["p50"] - d["p50"]))
+        for c in sorted({c for (b, c, _) in summary if b == body}):
+            g = {x: summary.get((body, c, x)) for x in CONFIG_ORDER}
+            if not (g["binary"] and g["nginx"]):
+                continue
+            logged = "%.2f" % (g["binary-log"]["rps"] / g["nginx-log"]["rps"]) if g["binary-log"] and g["nginx-log"] else ""
+            arp = "%.2f" % (g["binary"]["rps"] / g["arp"]["rps"]) if g["arp"] else ""
+            p("| %s | %d | %.2f | %.0f vs %.0f | %.0f vs %.0f | %s | %s |" % (
+                body, c, g["binary"]["rps"] / g["nginx"]["rps"], g["binary"]["p50"], g["nginx"]["p50"],
+                g["binary"]["p99"], g["nginx"]["p99"], logged, arp))
     p()
 
 # ---------------------------------------------------------------------------- criterion
@@ -159,6 +170,36 @@ if os.path.exists(pm_path):
         p("Runs (one process each): %s B; median **%.0f B**." % (", ".join("%.0f" % v for v in vals), med(vals)))
         p()
 
+pb_path = os.path.join(RESULTS, "parked_bin.jsonl")
+if os.path.exists(pb_path):
+    rows = [json.loads(l) for l in open(pb_path) if l.strip()]
+    if rows:
+        p("## Memory per parked HTTP/1.1 connection, the vmproxy binary")
+        p()
+        p("| run | connections | RSS before | RSS parked | per connection |")
+        p("|---:|---:|---:|---:|---:|")
+        for i, r in enumerate(rows):
+            p("| %d | %d | %d KiB | %d KiB | %.0f B |" % (i + 1, r["n"], r["base_rss_kib"], r["parked_rss_kib"], r["bytes_per_parked_connection"]))
+        p("| **median** | | | | **%.0f B** |" % med([r["bytes_per_parked_connection"] for r in rows]))
+        p()
+
+as_path = os.path.join(RESULTS, "accept_storm.jsonl")
+if os.path.exists(as_path):
+    rows = [json.loads(l) for l in open(as_path) if l.strip()]
+    if rows:
+        p("## Accept storm: clients connecting at once to a cold route, the vmproxy binary")
+        p()
+        p("| listen_backlog | clients | 200s | failed | last connected | connected p99 | last answered |")
+        p("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            p("| %s | %d | %d | %d | %.0f ms | %.0f ms | %.0f ms |" % (
+                r["listen_backlog"], r["n"], r["ok"], r["failed"], r["connected_max_ms"], r["connected_p99_ms"], r["answered_max_ms"]))
+        for b in sorted({r["listen_backlog"] for r in rows}):
+            sel = [r for r in rows if r["listen_backlog"] == b]
+            p("| **median, %s** | | | | **%.0f ms** | %.0f ms | %.0f ms |" % (
+                b, med([r["connected_max_ms"] for r in sel]), med([r["connected_p99_ms"] for r in sel]), med([r["answered_max_ms"] for r in sel])))
+        p()
+
 # ---------------------------------------------------------------------------- readiness
 rd_path = os.path.join(RESULTS, "readiness.json")
 if os.path.exists(rd_path):
@@ -210,7 +251,8 @@ if summary:
     conns_all = sorted({k[1] for k in summary})
     fig, axes = plt.subplots(len(bodies), len(conns_all), figsize=(4.2 * len(conns_all), 3.8 * len(bodies)), squeeze=False)
     pcts = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]
-    colors = {"direct": "#777777", "vmproxy": "#1f77b4", "nginx": "#2ca02c", "arp": "#d62728"}
+    colors = {"direct": "#777777", "binary": "#1f77b4", "nginx": "#2ca02c", "binary-log": "#9ecae1",
+              "nginx-log": "#a1d99b", "vmproxy": "#9467bd", "arp": "#d62728"}
     for i, body in enumerate(bodies):
         for j, c in enumerate(conns_all):
             ax = axes[i][j]

@@ -7,7 +7,8 @@
 #   QUICK=1 benches/run.sh    # a smoke pass: 1 run per point, 2 s loads, fewer machines
 #
 # Knobs (environment): RUNS (5), DURATION (5s), CONNS ("1 32 256"), BODIES ("small big"),
-# CONFIGS ("direct vmproxy nginx arp"), COLD_N (10000), COLD_BOOT_MS (5000), COLD_RUNS (3),
+# CONFIGS ("direct binary nginx binary-log nginx-log vmproxy arp": the `vmproxy` binary and
+# nginx without and with an access log, the layer in an axum server, axum-reverse-proxy), COLD_N (10000), COLD_BOOT_MS (5000), COLD_RUNS (3),
 # READY_MACHINES (20), READY_RUNS (3), SKIP_CRITERION (0), SKIP_WARM (0), SKIP_COLD (0).
 #
 # It installs what is missing: nginx and wrk from Debian's packages (apt-get), matplotlib with
@@ -29,7 +30,7 @@ else
 fi
 CONNS=${CONNS:-"1 32 256"}
 BODIES=${BODIES:-"small big"}
-CONFIGS=${CONFIGS:-"direct vmproxy nginx arp"}
+CONFIGS=${CONFIGS:-"direct binary nginx binary-log nginx-log vmproxy arp"}
 COLD_N=${COLD_N:-10000}
 COLD_BOOT_MS=${COLD_BOOT_MS:-5000}
 
@@ -97,6 +98,9 @@ for l in sys.stdin:
         print(m["executable"])') || { cat "$TMP/build.log" >&2; exit 1; }
 [[ -x $E2E ]] || { cat "$TMP/build.log" >&2; echo "no e2e binary" >&2; exit 1; }
 echo "harness: $E2E" >&2
+cargo build --release --bin vmproxy 2>"$TMP/build-bin.log" || { cat "$TMP/build-bin.log" >&2; exit 1; }
+BIN=$ROOT/target/release/vmproxy
+echo "binary: $BIN" >&2
 
 wait_file() {
   local i
@@ -128,8 +132,35 @@ if [[ ${SKIP_WARM:-0} != 1 ]]; then
   PIDS+=($!)
   "$E2E" front-arp --backend "$BACKEND" --addr-file "$TMP/arp.addr" &
   PIDS+=($!)
+  # The binary as a user runs it: its machine is a process, this same backend server on a port
+  # of its own (the identical code as the shared backend the others use), started on the first
+  # request and never stopped while the runs last. `binary` logs warnings only; `binary-log`
+  # writes its access log (the default) to a file, as nginx-log does.
+  BIN_PORT=$(free_port)
+  cat >"$TMP/vmproxy.toml" <<EOF
+listen = "127.0.0.1:$BIN_PORT"
+[[route]]
+name = "bench"
+path = "/app"
+health_path = "/app/health"
+idle_timeout = "0s"
+[route.process]
+command = ["$E2E", "backend", "--port", "{port}", "--addr-file", "$TMP/bin-backend.addr"]
+EOF
+  if [[ " $CONFIGS " == *" binary "* ]]; then
+    RUST_LOG=warn "$BIN" --config "$TMP/vmproxy.toml" 2>"$TMP/vmproxy-bin.log" &
+    PIDS+=($!)
+  fi
+  BINLOG_PORT=$(free_port)
+  sed -e "s/127.0.0.1:$BIN_PORT/127.0.0.1:$BINLOG_PORT/" -e "s/bin-backend.addr/bin-log-backend.addr/" \
+    "$TMP/vmproxy.toml" >"$TMP/vmproxy-log.toml"
+  if [[ " $CONFIGS " == *" binary-log "* ]]; then
+    "$BIN" --config "$TMP/vmproxy-log.toml" 2>"$TMP/vmproxy-access.log" &
+    PIDS+=($!)
+  fi
   mkdir -p "$TMP/nginx/logs"
   NGINX_PORT=$(free_port)
+  NGINX_LOG_PORT=$(free_port)
   cat >"$TMP/nginx/nginx.conf" <<EOF
 # worker_processes matches the tokio fronts' worker threads (one per core).
 worker_processes $(nproc);
@@ -140,7 +171,6 @@ pid $TMP/nginx/nginx.pid;
 error_log $TMP/nginx/logs/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
   client_body_temp_path $TMP/nginx/client_body;
   proxy_temp_path $TMP/nginx/proxy;
   fastcgi_temp_path $TMP/nginx/fastcgi;
@@ -152,8 +182,15 @@ http {
     keepalive 512;
     keepalive_requests 1000000;
   }
+  # nginx-log: nginx's default access log (the combined format) on the second port.
+  map \$server_port \$logged {
+    $NGINX_LOG_PORT 1;
+    default 0;
+  }
+  access_log $TMP/nginx/logs/access.log combined if=\$logged;
   server {
     listen 127.0.0.1:$NGINX_PORT;
+    listen 127.0.0.1:$NGINX_LOG_PORT;
     location /app/ {
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -175,6 +212,9 @@ EOF
   URL[vmproxy]="http://$(wait_file "$TMP/vmproxy.addr")"
   URL[arp]="http://$(wait_file "$TMP/arp.addr")"
   URL[nginx]="http://127.0.0.1:$NGINX_PORT"
+  URL[nginx-log]="http://127.0.0.1:$NGINX_LOG_PORT"
+  URL[binary]="http://127.0.0.1:$BIN_PORT"
+  URL[binary-log]="http://127.0.0.1:$BINLOG_PORT"
   for cfg in $CONFIGS; do
     for i in $(seq 1 100); do
       curl -fsS -o /dev/null "${URL[$cfg]}/app/small" 2>/dev/null && break
@@ -226,6 +266,19 @@ if [[ ${SKIP_COLD:-0} != 1 ]]; then
   : >"$RESULTS/parked_mem.jsonl"
   for i in 1 2 3; do
     "$E2E" parked-mem --n "$COLD_N" >>"$RESULTS/parked_mem.jsonl"
+  done
+
+  log "memory per parked connection, the binary (5000 parked HTTP/1.1 connections, 3 processes)"
+  : >"$RESULTS/parked_bin.jsonl"
+  for i in 1 2 3; do
+    "$E2E" parked-bin --bin "$BIN" --n 5000 >>"$RESULTS/parked_bin.jsonl"
+  done
+
+  log "accept storm: 2000 clients connecting at once to a cold route (default backlog, then 128)"
+  : >"$RESULTS/accept_storm.jsonl"
+  for i in 1 2 3; do
+    "$E2E" accept-storm --bin "$BIN" --n 2000 >>"$RESULTS/accept_storm.jsonl"
+    "$E2E" accept-storm --bin "$BIN" --n 2000 --backlog 128 >>"$RESULTS/accept_storm.jsonl"
   done
 
   log "readiness lag: $READY_MACHINES machines, boot times 1-20 s, $READY_RUNS runs"

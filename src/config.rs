@@ -42,7 +42,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backend::process::ProcessBackend;
 use crate::waiting::Template;
-use crate::{Route, RouteBuilder, VmProxyLayer};
+use crate::{Admission, Route, RouteBuilder, VmProxyLayer};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -71,6 +71,12 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Connections served at once; more wait in the backlog (default: from the open-file limit).
     pub max_connections: Option<usize>,
+    /// The listen backlog (default 4096, capped by the system's `net.core.somaxconn`).
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
+    /// Threads serving connections, each with its own runtime and listening socket (default:
+    /// one per core).
+    pub workers: Option<usize>,
     /// The routes, matched in order.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -120,6 +126,11 @@ pub struct RouteConfig {
     /// How long a request waits for a cold start before 504 (default "5m").
     #[serde(default, deserialize_with = "opt_duration")]
     pub cold_start_timeout: Option<Duration>,
+    /// `"wait"` (default), or `"deadline"`: a request that past starts say would not be served
+    /// within `cold_start_timeout` gets 503 + `Retry-After` at once (see
+    /// [`RouteBuilder::admission`]).
+    #[serde(default, deserialize_with = "opt_admission")]
+    pub admission: Option<Admission>,
     /// How long a start may take before it is given up (default "10m").
     #[serde(default, deserialize_with = "opt_duration")]
     pub start_timeout: Option<Duration>,
@@ -264,11 +275,14 @@ impl Config {
         if let Some(admin) = &self.admin {
             admin.check(self.listen)?;
         }
-        if self.max_connections == Some(0) {
-            return Err(ConfigFileError::new(
-                "max_connections",
-                "must be at least 1",
-            ));
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("workers", self.workers),
+            ("listen_backlog", Some(self.listen_backlog as usize)),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigFileError::new(key, "must be at least 1"));
+            }
         }
         let mut seen: Vec<(usize, &str, String)> = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -349,7 +363,12 @@ impl Config {
             .header_read_timeout(self.header_read_timeout)
             .keepalive_timeout(self.keepalive_timeout)
             .request_body_timeout(self.request_body_timeout)
-            .send_timeout(self.send_timeout);
+            .send_timeout(self.send_timeout)
+            .listen_backlog(self.listen_backlog)
+            .workers(
+                self.workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            );
         match self.max_connections {
             Some(max) => server.max_connections(max),
             None => server,
@@ -428,6 +447,9 @@ impl RouteConfig {
         }
         if let Some(d) = self.cold_start_timeout {
             builder = builder.cold_start_timeout(d);
+        }
+        if let Some(a) = self.admission {
+            builder = builder.admission(a);
         }
         if let Some(d) = self.start_timeout {
             builder = builder.start_timeout(d);
@@ -520,6 +542,10 @@ fn default_request_body_timeout() -> Duration {
     crate::server::REQUEST_BODY_TIMEOUT
 }
 
+fn default_listen_backlog() -> u32 {
+    crate::server::LISTEN_BACKLOG
+}
+
 fn default_send_timeout() -> Duration {
     crate::server::SEND_TIMEOUT
 }
@@ -537,6 +563,13 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+fn opt_admission<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Admission>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map(Some)
+        .map_err(|e: crate::ConfigError| serde::de::Error::custom(e.reason()))
 }
 
 /// A listen address; `${VAR}` and `${VAR:-default}` in it are read from the environment, so a
@@ -707,6 +740,8 @@ stop_grace = "10s"
         for (key, line) in [
             ("header_read_timeout", "header_read_timeout = \"0s\""),
             ("max_connections", "max_connections = 0"),
+            ("workers", "workers = 0"),
+            ("listen_backlog", "listen_backlog = 0"),
         ] {
             let e = err(&GOOD.replace(
                 "listen = \"127.0.0.1:8080\"",
@@ -877,6 +912,26 @@ stop_grace = "10s"
         ))
         .unwrap();
         assert!(c.routes[0].process.as_ref().unwrap().command[2].contains(var));
+    }
+
+    #[test]
+    fn admission_is_wait_or_deadline() {
+        let with = |line: &str| GOOD.replace("max_pending = 10000", line);
+        assert_eq!(Config::parse(GOOD).unwrap().routes[0].admission, None);
+        for (value, admission) in [("wait", Admission::Wait), ("deadline", Admission::Deadline)] {
+            let c = Config::parse(&with(&format!("admission = \"{value}\""))).unwrap();
+            assert_eq!(c.routes[0].admission, Some(admission));
+        }
+        for bad in ["\"Deadline\"", "\"\"", "\"fast\"", "true", "1"] {
+            let e = err(&with(&format!("admission = {bad}")));
+            assert_eq!(e.key(), "route[0].admission", "{bad}: {e}");
+        }
+        let e = err(&with("admission = \"fast\""));
+        assert!(
+            e.to_string()
+                .contains("\"fast\" is not an admission; write \"wait\" or \"deadline\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct Error {
 enum Kind {
     Overloaded {
         max_pending: usize,
+        /// The start's expected time left, when past starts tell.
+        retry_after: Option<Duration>,
+    },
+    StartTooSlow {
+        expected: Duration,
+        wait: Duration,
     },
     StartFailed {
         source: Arc<BoxError>,
@@ -70,9 +76,27 @@ enum Kind {
 }
 
 impl Error {
-    pub(crate) fn overloaded(machine: &str, max_pending: usize) -> Self {
+    /// Too many requests wait already; `retry_after` is the start's expected time left, when
+    /// known.
+    pub(crate) fn overloaded(
+        machine: &str,
+        max_pending: usize,
+        retry_after: Option<Duration>,
+    ) -> Self {
         Error {
-            kind: Kind::Overloaded { max_pending },
+            kind: Kind::Overloaded {
+                max_pending,
+                retry_after,
+            },
+            machine: machine.into(),
+        }
+    }
+
+    /// Deadline admission: the machine is expected to be ready in `expected`, later than the
+    /// request would `wait`.
+    pub(crate) fn start_too_slow(machine: &str, expected: Duration, wait: Duration) -> Self {
+        Error {
+            kind: Kind::StartTooSlow { expected, wait },
             machine: machine.into(),
         }
     }
@@ -166,9 +190,10 @@ impl Error {
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self.kind {
-            Kind::Overloaded { .. } | Kind::StartFailed { .. } | Kind::ProxyExhausted { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Kind::Overloaded { .. }
+            | Kind::StartFailed { .. }
+            | Kind::StartTooSlow { .. }
+            | Kind::ProxyExhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Kind::ColdStartTimeout { .. } | Kind::ResponseHeaderTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -180,11 +205,18 @@ impl Error {
         }
     }
 
-    /// How long a client should wait before trying again, where that is known.
+    /// How long a client should wait before trying again, where that is known: what is left of
+    /// the start back-off after a failed start; the start's expected time left (from past
+    /// starts) when it is refused during a start; else a second. `Retry-After` carries it in
+    /// whole seconds, rounded up, at least 1.
     pub fn retry_after(&self) -> Option<Duration> {
         match &self.kind {
-            Kind::Overloaded { .. } | Kind::ProxyExhausted { .. } => Some(Duration::from_secs(1)),
+            Kind::Overloaded { retry_after, .. } => {
+                Some(retry_after.unwrap_or(Duration::from_secs(1)))
+            }
+            Kind::ProxyExhausted { .. } => Some(Duration::from_secs(1)),
             Kind::StartFailed { retry_after, .. } => Some(*retry_after),
+            Kind::StartTooSlow { expected, .. } => Some(*expected),
             _ => None,
         }
     }
@@ -210,9 +242,10 @@ impl Error {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if let Some(after) = self.retry_after() {
-            // Retry-After is whole seconds (RFC 9110 §10.2.3); never advertise 0.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(after)),
+            );
         }
         match self.kind {
             // RFC 9110 §15.5.6: a 405 lists what is allowed.
@@ -235,9 +268,17 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = &self.machine;
         match &self.kind {
-            Kind::Overloaded { max_pending } => write!(
+            Kind::Overloaded { max_pending, .. } => write!(
                 f,
                 "machine {m} is starting and {max_pending} requests are already waiting for it; try again shortly"
+            ),
+            Kind::StartTooSlow { expected, wait } => write!(
+                f,
+                "machine {m} is starting and, judging by its past starts, should be ready in about {} s: \
+                 later than this route lets a request wait (cold_start_timeout {}), so the request is \
+                 refused now rather than at that deadline; try again then",
+                retry_after_secs(*expected),
+                humantime::format_duration(*wait)
             ),
             Kind::StartFailed { source, .. } => write!(f, "machine {m} failed to start: {source}"),
             Kind::ColdStartTimeout { waited } => write!(
@@ -272,6 +313,12 @@ impl fmt::Display for Error {
     }
 }
 
+/// `Retry-After`'s delay-seconds (RFC 9110 §10.2.3): whole seconds, rounded up, and never 0,
+/// which would invite the client straight back.
+pub(crate) fn retry_after_secs(after: Duration) -> u64 {
+    (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
@@ -280,5 +327,51 @@ impl std::error::Error for Error {
             | Kind::ProxyExhausted { source } => Some(&***source),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after(e: &Error) -> String {
+        let res = e.to_response(|s| s);
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{e}");
+        res.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        let ms = Duration::from_millis;
+        for (d, secs) in [(0, 1), (1, 1), (999, 1), (1000, 1), (1001, 2), (4200, 5)] {
+            assert_eq!(retry_after_secs(ms(d)), secs, "{d} ms");
+        }
+        // During a start: the start's expected time left, or a second when none is known.
+        assert_eq!(retry_after(&Error::overloaded("m", 5, Some(ms(2500)))), "3");
+        assert_eq!(retry_after(&Error::overloaded("m", 5, Some(ms(0)))), "1");
+        assert_eq!(retry_after(&Error::overloaded("m", 5, None)), "1");
+        // In the back-off: what is left of it.
+        let boom: Arc<BoxError> = Arc::new("boom".into());
+        assert_eq!(retry_after(&Error::start_failed("m", boom, ms(7300))), "8");
+    }
+
+    #[test]
+    fn a_deadline_refusal_is_a_503_that_says_why() {
+        let e = Error::start_too_slow(
+            "gpu",
+            Duration::from_millis(41_200),
+            Duration::from_secs(30),
+        );
+        assert_eq!(retry_after(&e), "42");
+        let text = e.to_string();
+        assert!(
+            text.contains("machine gpu is starting")
+                && text.contains("ready in about 42 s")
+                && text.contains("cold_start_timeout 30s"),
+            "{text}"
+        );
     }
 }

@@ -60,7 +60,7 @@ pub use error::Error;
 pub use future::ResponseFuture;
 pub use layer::VmProxyLayer;
 pub use lifecycle::{Handle, MachineStatus, StartPhase, StartTimings, State};
-pub use route::{ConfigError, Route, RouteBuilder};
+pub use route::{Admission, ConfigError, Route, RouteBuilder};
 pub use service::VmProxy;
 
 // The README's Rust examples compile as doctests.

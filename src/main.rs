@@ -31,6 +31,11 @@ Logs go to stderr; RUST_LOG sets the filter (default: info).";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // No transparent huge pages: mimalloc asks for them on its arenas, and a 2 MiB page made
+    // resident for a few bytes raised the memory of a parked connection from ~20 KB to ~33 KB
+    // (benches/e2e `parked-bin`). Nothing here gains from them.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_thp_disable(true);
     // Held until main returns, so that every line, the last ones included, is written.
     let (log_writer, _log_guard) = tracing_appender::non_blocking(PacedStderr::new());
     tracing_subscriber::fmt()
@@ -116,7 +121,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match config.server().bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -156,6 +161,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             // connections (event streams never end on their own).
             let server = config
                 .server()
+                .workers(1)
                 .serve(listener, admin, std::future::pending());
             info!(%admin_addr, token = admin_config.token.is_some(), "admin API and status page");
             Some(tokio::spawn(server))

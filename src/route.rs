@@ -76,6 +76,44 @@ impl Route {
     }
 }
 
+/// How a request that finds its machine not running is admitted: see
+/// [`RouteBuilder::admission`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Admission {
+    /// Wait for the start, up to `cold_start_timeout`, then 504 (the default).
+    #[default]
+    Wait,
+    /// Refuse at once, with 503 and `Retry-After`, a request that past starts say would not be
+    /// served within `cold_start_timeout`; wait otherwise.
+    Deadline,
+}
+
+impl Admission {
+    /// The name used in the binary's file: `wait` or `deadline`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Admission::Wait => "wait",
+            Admission::Deadline => "deadline",
+        }
+    }
+}
+
+impl std::str::FromStr for Admission {
+    type Err = ConfigError;
+
+    /// `wait` or `deadline`, as the route key `admission` is written.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "wait" => Ok(Admission::Wait),
+            "deadline" => Ok(Admission::Deadline),
+            other => Err(ConfigError::new(
+                "admission",
+                format!("{other:?} is not an admission; write \"wait\" or \"deadline\""),
+            )),
+        }
+    }
+}
+
 /// A route's configuration that cannot be used, found by [`RouteBuilder::build`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -121,6 +159,7 @@ pub struct RouteBuilder {
     health_path: Option<String>,
     idle_timeout: Option<Duration>,
     cold_start_timeout: Duration,
+    admission: Admission,
     start_timeout: Duration,
     max_pending: usize,
     start_backoff: Duration,
@@ -158,6 +197,7 @@ impl RouteBuilder {
             health_path: None,
             idle_timeout: Some(Duration::from_secs(600)),
             cold_start_timeout: Duration::from_secs(300),
+            admission: Admission::Wait,
             start_timeout: Duration::from_secs(600),
             max_pending: 10_000,
             start_backoff: Duration::from_secs(1),
@@ -213,6 +253,48 @@ impl RouteBuilder {
     /// the next request (default: 5 minutes).
     pub fn cold_start_timeout(mut self, timeout: Duration) -> Self {
         self.cold_start_timeout = timeout;
+        self
+    }
+
+    /// How a request that finds the machine absent, starting or stopping is admitted (default:
+    /// [`Admission::Wait`]: it waits up to [`cold_start_timeout`](Self::cold_start_timeout),
+    /// then gets 504).
+    ///
+    /// With [`Admission::Deadline`], the route learns how long the machine's cold starts take
+    /// (the median of the last 16 that succeeded, phase by phase: the platform's start, then
+    /// readiness), and a request that would wait longer than `cold_start_timeout` for the time
+    /// still expected (a whole start when absent or stopping, what is left of the start under
+    /// way when starting) is answered at once: `503 Service Unavailable`, `Retry-After` with
+    /// that time in seconds, and a body that says why. It does not wait for its 504. Before
+    /// the first start has succeeded there is nothing to judge by, and requests wait as with
+    /// [`Admission::Wait`].
+    ///
+    /// A refused request still starts the machine (after the stop under way, if any), as a
+    /// waiting page does: else, with nobody waiting, no start would ever be learned from or
+    /// finished, and every request would be refused. Requests during the back-off after a
+    /// failed start get its 503 as usual; a machine that runs serves every request. The
+    /// estimate does not count the time a stop under way still takes.
+    /// [`Handle::start`] (and the admin API's start) wait as with [`Admission::Wait`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use vmproxy::{backend::process::ProcessBackend, route::Admission, Route};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // An API whose clients give up after 30 s: tell them at once when the GPU box needs longer.
+    /// let backend = ProcessBackend::new(["./serve-model", "--port={port}"])?;
+    /// let route = Route::builder("/v1", backend)
+    ///     .cold_start_timeout(Duration::from_secs(30))
+    ///     .admission(Admission::Deadline)
+    ///     .build()?;
+    /// assert_eq!(route.prefixes(), ["/v1"]);
+    /// assert_eq!("deadline".parse::<Admission>()?, Admission::Deadline);
+    /// assert!("later".parse::<Admission>().is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
         self
     }
 
@@ -421,6 +503,7 @@ impl RouteBuilder {
             Timings {
                 cold_start_timeout: self.cold_start_timeout,
                 start_timeout: self.start_timeout,
+                admission: self.admission,
             },
             ProbeConfig {
                 path: health_path,

@@ -142,6 +142,8 @@ pub struct Server {
     request_body_timeout: Duration,
     send_timeout: Duration,
     max_connections: Option<usize>,
+    listen_backlog: u32,
+    workers: usize,
 }
 
 impl Default for Server {
@@ -155,6 +157,7 @@ pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
 
 /// Descriptors kept back from the connection cap: the listener, logs, the machines' processes.
 const RESERVED_FDS: u64 = 64;
@@ -170,6 +173,8 @@ impl Server {
             request_body_timeout: REQUEST_BODY_TIMEOUT,
             send_timeout: SEND_TIMEOUT,
             max_connections: None,
+            listen_backlog: LISTEN_BACKLOG,
+            workers: 1,
         }
     }
 
@@ -207,16 +212,71 @@ impl Server {
         self
     }
 
+    /// The listen backlog of the sockets [`bind`](Self::bind) makes: how many connections the
+    /// kernel holds for us before we accept them (default: 4096, capped by the system's
+    /// `net.core.somaxconn`). A cold-start storm is when it matters: with a short backlog the
+    /// kernel drops the excess SYNs and those clients wait for their retransmission (1 s, 3 s,
+    /// …) before they get in.
+    pub fn listen_backlog(mut self, backlog: u32) -> Self {
+        self.listen_backlog = backlog;
+        self
+    }
+
+    /// How many threads accept and serve connections, each with a single-threaded runtime of
+    /// its own and (from [`bind`](Self::bind)) a listening socket of its own, as nginx's
+    /// workers do (default: 1, the caller's runtime). A request, its connection to the machine
+    /// and the client's connection then stay on one thread, with no hand-off between threads.
+    /// The machines' lifecycles stay shared, on the runtime they were made on, which must
+    /// outlive the server.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Binds `addr` for [`serve`](Self::serve): one socket per worker, sharing the address
+    /// with `SO_REUSEPORT` so the kernel spreads new connections over them, each listening
+    /// with [`listen_backlog`](Self::listen_backlog) (capped by the system's maximum).
+    pub fn bind(&self, addr: SocketAddr) -> io::Result<Listeners> {
+        let backlog = effective_backlog(self.listen_backlog);
+        let count = if cfg!(unix) { self.workers } else { 1 };
+        let mut sockets = Vec::with_capacity(count);
+        let mut addr = addr;
+        for _ in 0..count {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            #[cfg(unix)]
+            {
+                socket.set_reuse_address(true)?;
+                if count > 1 {
+                    socket.set_reuse_port(true)?;
+                }
+            }
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+            let socket = std::net::TcpListener::from(socket);
+            // Port 0: the other sockets take the port the first was given.
+            addr = socket.local_addr()?;
+            sockets.push(socket);
+        }
+        Ok(Listeners {
+            sockets,
+            backlog: Some(backlog),
+        })
+    }
+
     /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and
     /// waits for the connections' requests in flight to end. Dropping the returned future
     /// closes every connection at once.
-    pub async fn serve<S, B, F>(
-        self,
-        listener: TcpListener,
-        service: S,
-        shutdown: F,
-    ) -> io::Result<()>
+    ///
+    /// `listener` is a [`Listeners`] from [`bind`](Self::bind), or a listener of your own (a
+    /// tokio or standard `TcpListener`), which the workers then share.
+    pub async fn serve<L, S, B, F>(self, listener: L, service: S, shutdown: F) -> io::Result<()>
     where
+        L: IntoListeners,
         S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -224,8 +284,12 @@ impl Server {
         B::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
+        let listeners = listener.into_listeners()?;
         let max = self.max_connections.unwrap_or_else(default_max_connections);
         info!(
+            addr = %listeners.local_addr()?,
+            workers = self.workers,
+            listen_backlog = listeners.backlog.map(u64::from),
             max_connections = max,
             header_read_timeout = ?self.header_read_timeout,
             keepalive_timeout = ?self.keepalive_timeout,
@@ -233,58 +297,230 @@ impl Server {
             send_timeout = ?self.send_timeout,
             "serving"
         );
-        let slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut connections = tokio::task::JoinSet::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http2().timer(TokioTimer::new());
-        let builder = Arc::new(builder);
-        let limits = Arc::new(self);
+        let shared = Arc::new(Shared {
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            limits: Arc::new(self),
+        });
+        let (phase, watch_phase) = tokio::sync::watch::channel(Phase::Serving);
+        // Dropped with this future: the workers then close every connection at once.
+        let phase = AbortOnDrop(phase);
         tokio::pin!(shutdown);
-        loop {
-            while connections.try_join_next().is_some() {}
-            let slot = tokio::select! {
-                () = &mut shutdown => break,
-                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-            };
-            let (stream, peer) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors or memory: the connections we have still need
-                        // serving. Pause, or this loop spins on the same error.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            // The slot goes with the socket: an upgraded connection (a WebSocket) that outlives
-            // hyper's handling of it still counts against the cap.
-            let conn = Connection::new(stream, limits.clone(), slot);
-            let tracked = Tracked {
-                inner: service.clone(),
-                conn: conn.state.clone(),
-                peer,
-                body_timeout: limits.request_body_timeout,
-            };
-            let serving = builder
-                .serve_connection_with_upgrades(TokioIo::new(conn), tracked)
-                .into_owned();
-            let serving = graceful.watch(serving);
-            connections.spawn(async move {
-                if let Err(e) = serving.await {
-                    debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
+        let workers = shared.limits.workers;
+        if workers == 1 && listeners.sockets.len() == 1 {
+            let listener =
+                TcpListener::from_std(listeners.sockets.into_iter().next().expect("one"))?;
+            let serving = accept_loop(listener, service, shared, watch_phase);
+            tokio::pin!(serving);
+            tokio::select! {
+                () = &mut shutdown => {}
+                () = &mut serving => return Ok(()),
+            }
+            phase.0.send_replace(Phase::Draining);
+            serving.await;
+            return Ok(());
         }
-        drop(listener);
-        graceful.shutdown().await;
-        while connections.join_next().await.is_some() {}
+        let (ended, mut worker_ended) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..workers {
+            let socket = listeners.sockets[i % listeners.sockets.len()].try_clone()?;
+            let (service, shared, watch_phase, ended) = (
+                service.clone(),
+                shared.clone(),
+                watch_phase.clone(),
+                ended.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("vmproxy-worker-{i}"))
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|runtime| {
+                            runtime.block_on(async {
+                                let listener = TcpListener::from_std(socket)?;
+                                accept_loop(listener, service, shared, watch_phase).await;
+                                Ok(())
+                            })
+                        });
+                    let _ = ended.send(served);
+                })?;
+        }
+        drop((listeners, ended));
+        let mut running = workers;
+        let mut draining = false;
+        while running > 0 {
+            tokio::select! {
+                () = &mut shutdown, if !draining => {
+                    draining = true;
+                    phase.0.send_replace(Phase::Draining);
+                }
+                served = worker_ended.recv() => match served {
+                    Some(Ok(())) => running -= 1,
+                    Some(Err(e)) => return Err(e),
+                    // A worker thread panicked.
+                    None => return Err(io::Error::other("a worker thread ended abruptly")),
+                },
+            }
+        }
         Ok(())
     }
+}
+
+/// The listening sockets a [`Server`] accepts on; see [`Server::bind`].
+#[derive(Debug)]
+pub struct Listeners {
+    sockets: Vec<std::net::TcpListener>,
+    /// The backlog they were made with, when [`Server::bind`] made them.
+    backlog: Option<u32>,
+}
+
+impl Listeners {
+    /// The address the sockets are bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sockets[0].local_addr()
+    }
+}
+
+/// What [`Server::serve`] accepts on: [`Listeners`] from [`Server::bind`], or a tokio or
+/// standard `TcpListener` of your own.
+pub trait IntoListeners {
+    /// Converts into the sockets to accept on.
+    fn into_listeners(self) -> io::Result<Listeners>;
+}
+
+impl IntoListeners for Listeners {
+    fn into_listeners(self) -> io::Result<Listeners> {
+        Ok(self)
+    }
+}
+
+impl IntoListeners for TcpListener {
+    fn into_listeners(self) -> io::Result<Listeners> {
+        self.into_std()?.into_listeners()
+    }
+}
+
+impl IntoListeners for std::net::TcpListener {
+    fn into_listeners(self) -> io::Result<Listeners> {
+        self.set_nonblocking(true)?;
+        Ok(Listeners {
+            sockets: vec![self],
+            backlog: None,
+        })
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    slots: Arc<tokio::sync::Semaphore>,
+    limits: Arc<Server>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Stop accepting; let the requests in flight end.
+    Draining,
+    /// Close every connection now.
+    Abort,
+}
+
+struct AbortOnDrop(tokio::sync::watch::Sender<Phase>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(Phase::Abort);
+    }
+}
+
+/// Accepts and serves connections on `listener` until told to drain (then waits for the
+/// requests in flight) or to abort.
+async fn accept_loop<S, B>(
+    listener: TcpListener,
+    service: S,
+    shared: Arc<Shared>,
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().timer(TokioTimer::new());
+    let limits = &shared.limits;
+    loop {
+        while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            () = reached(&mut phase, Phase::Draining) => break,
+            slot = shared.slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = reached(&mut phase, Phase::Draining) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or memory: the connections we have still need
+                    // serving. Pause, or this loop spins on the same error.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // The slot goes with the socket: an upgraded connection (a WebSocket) that outlives
+        // hyper's handling of it still counts against the cap.
+        let conn = Connection::new(stream, limits.clone(), slot);
+        let tracked = Tracked {
+            inner: service.clone(),
+            conn: conn.state.clone(),
+            peer,
+            body_timeout: limits.request_body_timeout,
+        };
+        let serving = builder
+            .serve_connection_with_upgrades(TokioIo::new(conn), tracked)
+            .into_owned();
+        let serving = graceful.watch(serving);
+        connections.spawn(async move {
+            if let Err(e) = serving.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let drained = async {
+        graceful.shutdown().await;
+        while connections.join_next().await.is_some() {}
+    };
+    tokio::select! {
+        () = drained => {}
+        () = reached(&mut phase, Phase::Abort) => {}
+    }
+}
+
+/// Waits until the phase is `phase` or a later one.
+async fn reached(watch: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) {
+    // A closed channel: the server future is gone, as good as told to abort.
+    let _ = watch.wait_for(|now| *now >= phase).await;
+}
+
+/// `backlog`, capped by the kernel's own limit, which it would apply silently.
+fn effective_backlog(backlog: u32) -> u32 {
+    match somaxconn() {
+        Some(max) => backlog.min(max),
+        None => backlog,
+    }
+}
+
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The connection cap when none is set: half of what the open-file limit leaves after a small

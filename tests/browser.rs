@@ -98,7 +98,7 @@ async fn the_status_page_follows_the_machine_live_and_its_buttons_work() {
     let Some(browser) = Browser::start().await else {
         return;
     };
-    let backend = FakeBackend::new(Duration::from_millis(800));
+    let backend = FakeBackend::new(Duration::from_millis(1500));
     let route = route(backend.clone()).name("notebook").build().unwrap();
     let handle = route.handle();
     let layer = vmproxy::VmProxyLayer::new(route);
@@ -160,5 +160,33 @@ async fn the_status_page_follows_the_machine_live_and_its_buttons_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(seen, "absent");
+
+    // The boot column: the learned start's median, and during the next start what is left.
+    let boot = || async {
+        let cell = browser
+            .find("#machine-notebook td[data-field=\"boot\"]")
+            .await?;
+        cell.text().await.ok()
+    };
+    let learned = boot().await.unwrap_or_default();
+    assert!(
+        learned.ends_with(" s") && !learned.contains("left"),
+        "{learned:?}"
+    );
+    let starting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.start().await }
+    });
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = boot().await.unwrap_or_default();
+        if seen.contains("left") || starting.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen.contains(" left)"), "{seen:?}");
+    starting.await.unwrap().unwrap();
+    handle.stop().await;
     browser.close().await;
 }

@@ -7,10 +7,13 @@
 //! e2e front-arp      --backend ADDR --addr-file F  axum-reverse-proxy
 //! e2e coldstart      --n N --boot-ms MS --runs R --out F.json
 //! e2e parked-mem     --n N                         the layer's memory per parked request
+//! e2e parked-bin     --bin PATH --n N              the binary's memory per parked connection
+//! e2e accept-storm   --bin PATH --n N [--backlog B] N clients connecting at once
 //! e2e readiness      --machines K --runs R --out F.json
 //! e2e controlplane   --out F.json                  (needs --features emulator)
 //! ```
 
+mod binary;
 mod cold;
 mod common;
 mod controlplane;
@@ -24,7 +27,7 @@ fn main() -> Result<(), BoxError> {
     // `cargo bench` appends `--bench`; it means nothing here.
     argv.retain(|a| a != "--bench");
     let Some(cmd) = argv.first().cloned() else {
-        eprintln!("usage: e2e <backend|front-vmproxy|front-arp|coldstart|parked-mem|readiness|controlplane> [--flags]");
+        eprintln!("usage: e2e <backend|front-vmproxy|front-arp|coldstart|parked-mem|parked-bin|accept-storm|readiness|controlplane> [--flags]");
         eprintln!("(run benches/run.sh to run everything)");
         return Ok(());
     };
@@ -40,6 +43,8 @@ fn main() -> Result<(), BoxError> {
             "front-cold" => cold::front_cold(args).await,
             "coldstart" => cold::coldstart(args).await,
             "parked-mem" => cold::parked_mem(args).await,
+            "parked-bin" => binary::parked_bin(args).await,
+            "accept-storm" => binary::accept_storm(args).await,
             "readiness" => readiness::readiness(args).await,
             "controlplane" => controlplane::controlplane(args).await,
             other => Err(format!("unknown subcommand {other:?}").into()),

@@ -15,7 +15,11 @@
 //! A machine object: `name`, `state` (`absent`, `creating`, `running`, `stopping`), `endpoint`
 //! (or null), `in_flight`, `waiting`, `state_since` (RFC 3339), `starting_phase` (`backend`,
 //! `readiness` or null), `idle_stop_in_seconds` (or null), `last_error` (or null),
-//! `boot_seconds` (the median of recent cold starts, or null), `last_start` (or null).
+//! `boot_seconds` (the median of the last 16 successful cold starts' totals, or null before the
+//! first), `boot_phases` (the medians phase by phase, `{"backend_seconds", "readiness_seconds"}`,
+//! or null), `ready_in_seconds` (how long until it should be ready, from the same medians: what
+//! is left of a start under way, a whole start while absent or stopping; null while it runs or
+//! before the first start), `last_start` (the last cold start's phases, or null).
 //!
 //! An unknown machine name is a `404` with a JSON `{"error": …}`; a wrong method a `405` with
 //! `Allow`; any other path a `404`. `GET` endpoints answer `HEAD` too.
@@ -404,9 +408,9 @@ fn start(handle: Handle, wait: bool) -> AdminFuture {
             Some(Err(e)) => {
                 let mut res = error(e.status(), &e.to_string());
                 if let Some(after) = e.retry_after() {
-                    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                    let secs = crate::error::retry_after_secs(after);
                     res.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
                 res
             }

@@ -2,10 +2,11 @@
 
 use serde_json::{json, Value};
 
-use crate::lifecycle::{Handle, State};
+use crate::lifecycle::{Handle, StartTimings, State};
 
 /// `name`, `state`, `endpoint`, `in_flight`, `waiting`, `state_since` (RFC 3339, UTC),
-/// `starting_phase`, `idle_stop_in_seconds`, `last_error`, `boot_seconds`, `last_start`.
+/// `starting_phase`, `idle_stop_in_seconds`, `last_error`, `boot_seconds`, `boot_phases`,
+/// `ready_in_seconds`, `last_start`.
 pub(super) fn machine(handle: &Handle) -> Value {
     let s = handle.status();
     let endpoint = match s.state {
@@ -23,10 +24,16 @@ pub(super) fn machine(handle: &Handle) -> Value {
         "idle_stop_in_seconds": s.idle_stop_in.map(|d| seconds(d.as_secs_f64())),
         "last_error": s.last_error,
         "boot_seconds": s.boot_time.map(|d| seconds(d.as_secs_f64())),
-        "last_start": s.last_start.map(|t| json!({
-            "backend_seconds": seconds(t.backend.as_secs_f64()),
-            "readiness_seconds": seconds(t.readiness.as_secs_f64()),
-        })),
+        "boot_phases": s.boot_phases.map(phases),
+        "ready_in_seconds": s.ready_in.map(|d| seconds(d.as_secs_f64())),
+        "last_start": s.last_start.map(phases),
+    })
+}
+
+fn phases(t: StartTimings) -> Value {
+    json!({
+        "backend_seconds": seconds(t.backend.as_secs_f64()),
+        "readiness_seconds": seconds(t.readiness.as_secs_f64()),
     })
 }
 

@@ -96,6 +96,28 @@ pub(crate) enum Reject {
         error: Arc<BoxError>,
         retry_after: Duration,
     },
+    /// Deadline admission: the machine is expected to be ready later than the request would
+    /// wait. Its start is set going (or wanted after the stop under way) by this refusal, as by
+    /// a waiting page, so that a later request finds the machine up.
+    TooSlow {
+        deadline: Deadline,
+        action: Action,
+    },
+}
+
+/// What deadline admission weighs: how long a request would wait for a start, and how long the
+/// start is expected to take still (from past starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deadline {
+    pub(crate) wait: Duration,
+    pub(crate) expected: Duration,
+}
+
+impl Deadline {
+    /// Whether the request would meet its deadline, as far as past starts tell.
+    pub(crate) fn met(&self) -> bool {
+        self.expected <= self.wait
+    }
 }
 
 /// What a waiter holds: the failure count when it began to wait, so it learns of a failed start
@@ -250,14 +272,31 @@ impl Machine {
         self.since = now;
     }
 
-    /// A request wants the machine.
-    pub(crate) fn admit(&mut self, now: Instant) -> Admit {
+    /// A request wants the machine. With a `deadline` (deadline admission, and a past start to
+    /// judge by), a request that would not meet it is refused at once instead of waiting for its
+    /// 504; the start goes on, or is begun, all the same.
+    pub(crate) fn admit(&mut self, now: Instant, deadline: Option<Deadline>) -> Admit {
         if let State::Running(ep) = self.state {
             if !self.suspect {
                 self.in_flight += 1;
                 self.last_active = now;
                 return Admit::Ready(ep);
             }
+        }
+        let starting = matches!(
+            self.state,
+            State::Absent | State::Creating | State::Stopping
+        );
+        if let Some(deadline) = deadline.filter(|d| starting && !d.met()) {
+            // Started as for a page: a refused request must not leave the machine down, or
+            // deadline admission would refuse every request forever.
+            return Admit::Reject(match self.wake(now) {
+                Wake::NotYet(action) => Reject::TooSlow { deadline, action },
+                Wake::BackingOff { error, retry_after } => {
+                    Reject::BackingOff { error, retry_after }
+                }
+                Wake::Ready(_) => unreachable!("not running"),
+            });
         }
         if self.pending >= self.limits.max_pending {
             return Admit::Reject(Reject::Overloaded {
@@ -563,7 +602,7 @@ mod tests {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
         assert!(!m.activity_report_due(t), "nothing to report while absent");
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         assert!(m.activity_report_due(t));
         assert!(!m.activity_report_due(t + Duration::from_secs(14)));
@@ -601,9 +640,9 @@ mod tests {
     fn first_request_starts_and_later_ones_coalesce() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let (a, act) = wait(m.admit(t));
+        let (a, act) = wait(m.admit(t, None));
         assert_eq!(act, Action::Start);
-        let (b, act) = wait(m.admit(t));
+        let (b, act) = wait(m.admit(t, None));
         assert_eq!(
             act,
             Action::None,
@@ -615,7 +654,7 @@ mod tests {
         assert!(matches!(m.claim(a, t), Claim::Ready(e) if e == ep(1)));
         assert!(matches!(m.claim(b, t), Claim::Ready(e) if e == ep(1)));
         assert_eq!((m.pending(), m.in_flight()), (0, 2));
-        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert!(matches!(m.admit(t, None), Admit::Ready(_)));
         assert_eq!(m.in_flight(), 3);
     }
 
@@ -624,22 +663,22 @@ mod tests {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
         for _ in 0..3 {
-            let _ = wait(m.admit(t));
+            let _ = wait(m.admit(t, None));
         }
         assert!(matches!(
-            m.admit(t),
+            m.admit(t, None),
             Admit::Reject(Reject::Overloaded { max_pending: 3 })
         ));
         m.abandon();
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
     }
 
     #[test]
     fn failed_start_fails_every_waiter_then_backs_off_exponentially() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let (a, _) = wait(m.admit(t));
-        let (b, _) = wait(m.admit(t));
+        let (a, _) = wait(m.admit(t, None));
+        let (b, _) = wait(m.admit(t, None));
         m.start_failed(err("boom"), t);
         assert_eq!(m.state(), State::Absent);
         for ticket in [a, b] {
@@ -653,7 +692,7 @@ mod tests {
         }
         assert_eq!(m.pending(), 0);
         // During the back-off: refused at once with the reason.
-        match m.admit(t + Duration::from_millis(500)) {
+        match m.admit(t + Duration::from_millis(500), None) {
             Admit::Reject(Reject::BackingOff { error, retry_after }) => {
                 assert_eq!(error.to_string(), "boom");
                 assert_eq!(retry_after, Duration::from_millis(500));
@@ -662,7 +701,7 @@ mod tests {
         }
         // After it: a new start.
         let t2 = t + Duration::from_secs(1);
-        let (c, act) = wait(m.admit(t2));
+        let (c, act) = wait(m.admit(t2, None));
         assert_eq!(act, Action::Start);
         m.start_failed(err("boom again"), t2);
         assert!(
@@ -670,7 +709,7 @@ mod tests {
         );
         // A success resets the back-off.
         let t3 = t2 + Duration::from_secs(2);
-        let (d, act) = wait(m.admit(t3));
+        let (d, act) = wait(m.admit(t3, None));
         assert_eq!(act, Action::Start);
         let _ = m.start_succeeded(ep(2), t3);
         assert!(matches!(m.claim(d, t3), Claim::Ready(_)));
@@ -682,13 +721,13 @@ mod tests {
         let mut m = Machine::new(limits(), t);
         let mut now = t;
         for _ in 0..10 {
-            let (_, act) = wait(m.admit(now));
+            let (_, act) = wait(m.admit(now, None));
             assert_eq!(act, Action::Start);
             m.start_failed(err("x"), now);
             m.abandon();
             now += Duration::from_secs(8);
         }
-        match m.admit(now - Duration::from_secs(8)) {
+        match m.admit(now - Duration::from_secs(8), None) {
             Admit::Reject(Reject::BackingOff { retry_after, .. }) => {
                 assert_eq!(retry_after, Duration::from_secs(8))
             }
@@ -700,11 +739,11 @@ mod tests {
     fn a_waiter_does_not_see_failures_from_before_it_arrived() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         m.start_failed(err("old"), t);
         m.abandon();
         let later = t + Duration::from_secs(5);
-        let (a, act) = wait(m.admit(later));
+        let (a, act) = wait(m.admit(later, None));
         assert_eq!(act, Action::Start);
         assert!(matches!(m.claim(a, later), Claim::Wait));
     }
@@ -713,7 +752,7 @@ mod tests {
     fn idle_stop_only_with_nothing_in_flight() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let (a, _) = wait(m.admit(t));
+        let (a, _) = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         assert!(matches!(m.claim(a, t), Claim::Ready(_)));
         let later = t + Duration::from_secs(61);
@@ -743,7 +782,7 @@ mod tests {
             },
             t,
         );
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.idle(t + Duration::from_secs(1 << 30)), Idle::Never);
@@ -753,11 +792,11 @@ mod tests {
     fn request_during_stopping_waits_and_restarts() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::Stop);
-        let (a, act) = wait(m.admit(t));
+        let (a, act) = wait(m.admit(t, None));
         assert_eq!(act, Action::None, "no start while the stop is in flight");
         assert!(matches!(m.claim(a, t), Claim::Wait));
         assert_eq!(m.stop_done(t), Action::Start);
@@ -770,10 +809,10 @@ mod tests {
     fn explicit_stop_waits_for_in_flight() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        assert!(matches!(m.admit(t), Admit::Wait { .. }));
+        assert!(matches!(m.admit(t, None), Admit::Wait { .. }));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
-        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert!(matches!(m.admit(t, None), Admit::Ready(_)));
         assert_eq!(m.begin_stop(t), Action::None, "one request in flight");
         assert_eq!(m.release(t), Action::Stop);
         assert_eq!(m.stop_done(t), Action::None);
@@ -783,10 +822,10 @@ mod tests {
     fn force_stop_does_not_wait_for_in_flight() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        assert!(matches!(m.admit(t), Admit::Wait { .. }));
+        assert!(matches!(m.admit(t, None), Admit::Wait { .. }));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
-        assert!(matches!(m.admit(t), Admit::Ready(_)));
+        assert!(matches!(m.admit(t, None), Admit::Ready(_)));
         assert_eq!(m.begin_stop(t), Action::None);
         assert_eq!(m.force_stop(t), Action::Stop);
         assert_eq!(m.force_stop(t), Action::None, "one stop");
@@ -803,7 +842,7 @@ mod tests {
     fn stop_during_start_happens_after_it() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::None);
         assert_eq!(m.start_succeeded(ep(1), t), Action::Stop);
@@ -814,7 +853,7 @@ mod tests {
     fn failed_stop_keeps_the_machine() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::Stop);
@@ -826,13 +865,13 @@ mod tests {
     fn connect_error_is_checked_once_and_gone_restarts_for_waiters() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert!(m.suspect(ep(1)));
         assert!(!m.suspect(ep(1)), "one status check per incident");
         // While suspect, requests wait instead of hitting the dead endpoint.
-        let (a, act) = wait(m.admit(t));
+        let (a, act) = wait(m.admit(t, None));
         assert_eq!(act, Action::None);
         assert_eq!(
             m.idle(t + Duration::from_secs(3600)),
@@ -852,11 +891,11 @@ mod tests {
     fn alive_check_clears_suspicion() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         assert!(m.suspect(ep(1)));
-        let (a, _) = wait(m.admit(t));
+        let (a, _) = wait(m.admit(t, None));
         m.alive(ep(1));
         assert!(matches!(m.claim(a, t), Claim::Ready(_)));
     }
@@ -865,13 +904,13 @@ mod tests {
     fn gone_with_nobody_waiting_just_goes_absent() {
         let t = Instant::now();
         let mut m = Machine::new(limits(), t);
-        let _ = wait(m.admit(t));
+        let _ = wait(m.admit(t, None));
         let _ = m.start_succeeded(ep(1), t);
         m.abandon();
         let up = t + Duration::from_secs(10);
         assert_eq!(m.gone(ep(1), up), Action::None);
         assert_eq!(m.state(), State::Absent);
-        let (_, act) = wait(m.admit(up));
+        let (_, act) = wait(m.admit(up, None));
         assert_eq!(
             act,
             Action::Start,
@@ -892,7 +931,7 @@ mod tests {
         assert_eq!(m.pending(), 0, "a page is no waiter");
         // Pages do not fill the queue that waiters are bounded by.
         for _ in 0..3 {
-            let _ = wait(m.admit(t));
+            let _ = wait(m.admit(t, None));
         }
         assert!(matches!(m.wake(t), Wake::NotYet(Action::None)));
         for _ in 0..3 {
@@ -973,9 +1012,96 @@ mod tests {
         assert_eq!(m.stop_done(later), Action::None);
     }
 
+    fn too_slow(admit: Admit) -> (Deadline, Action) {
+        match admit {
+            Admit::Reject(Reject::TooSlow { deadline, action }) => (deadline, action),
+            other => panic!("expected a refusal by the deadline, got {other:?}"),
+        }
+    }
+
+    const LATE: Option<Deadline> = Some(Deadline {
+        wait: Duration::from_secs(5),
+        expected: Duration::from_secs(30),
+    });
+    const IN_TIME: Option<Deadline> = Some(Deadline {
+        wait: Duration::from_secs(60),
+        expected: Duration::from_secs(30),
+    });
+
+    #[test]
+    fn a_request_that_cannot_meet_its_deadline_is_refused_but_starts_the_machine() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (deadline, act) = too_slow(m.admit(t, LATE));
+        assert_eq!(deadline, LATE.unwrap());
+        assert_eq!(act, Action::Start, "refused, yet the machine starts");
+        assert_eq!(m.state(), State::Creating);
+        assert_eq!(m.pending(), 0, "a refused request does not wait");
+        // Joins the start under way: no second start.
+        assert_eq!(too_slow(m.admit(t, LATE)).1, Action::None);
+        // Refusals hold no place among the waiters.
+        for _ in 0..10 {
+            let _ = too_slow(m.admit(t, LATE));
+        }
+        // One whose deadline is far enough waits, as does one with no estimate to judge by.
+        let (a, act) = wait(m.admit(t, IN_TIME));
+        assert_eq!(act, Action::None);
+        let (b, _) = wait(m.admit(t, None));
+        assert_eq!(m.pending(), 2);
+        assert_eq!(m.start_succeeded(ep(1), t), Action::None);
+        assert!(matches!(m.claim(a, t), Claim::Ready(_)));
+        assert!(matches!(m.claim(b, t), Claim::Ready(_)));
+        // Running: every request is served, whatever the estimate says.
+        assert!(matches!(m.admit(t, LATE), Admit::Ready(_)));
+    }
+
+    #[test]
+    fn a_deadline_refusal_during_a_stop_starts_the_machine_after_it() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        assert_eq!(m.begin_stop(t), Action::Stop);
+        assert_eq!(too_slow(m.admit(t, LATE)).1, Action::None);
+        assert_eq!(
+            m.stop_done(t),
+            Action::Start,
+            "wanted by the refused request"
+        );
+        assert_eq!(m.state(), State::Creating);
+    }
+
+    #[test]
+    fn a_deadline_refusal_in_the_back_off_says_why_and_starts_nothing() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let _ = too_slow(m.admit(t, LATE));
+        m.start_failed(err("boom"), t);
+        let half = t + Duration::from_millis(500);
+        match m.admit(half, LATE) {
+            Admit::Reject(Reject::BackingOff { error, retry_after }) => {
+                assert_eq!(error.to_string(), "boom");
+                assert_eq!(retry_after, Duration::from_millis(500));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.state(), State::Absent);
+    }
+
+    #[test]
+    fn a_status_check_is_waited_for_whatever_the_deadline() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        run(&mut m, ep(1), t);
+        assert!(m.suspect(ep(1)));
+        let (a, act) = wait(m.admit(t, LATE));
+        assert_eq!(act, Action::None);
+        m.alive(ep(1));
+        assert!(matches!(m.claim(a, t), Claim::Ready(_)));
+    }
+
     /// Starts the machine at `now` for one request, which is served and done.
     fn run(m: &mut Machine, at: Endpoint, now: Instant) {
-        let (ticket, act) = wait(m.admit(now));
+        let (ticket, act) = wait(m.admit(now, None));
         assert_eq!(act, Action::Start);
         assert_eq!(m.start_succeeded(at, now), Action::None);
         assert!(matches!(m.claim(ticket, now), Claim::Ready(e) if e == at));
@@ -983,7 +1109,7 @@ mod tests {
     }
 
     fn backing_off(m: &mut Machine, now: Instant) -> (String, Duration) {
-        match m.admit(now) {
+        match m.admit(now, None) {
             Admit::Reject(Reject::BackingOff { error, retry_after }) => {
                 (error.to_string(), retry_after)
             }
@@ -999,7 +1125,7 @@ mod tests {
         // The next request finds it unreachable and waits for the status check.
         let lost = t + Duration::from_millis(300);
         assert!(m.suspect(ep(1)));
-        let (waiter, act) = wait(m.admit(lost));
+        let (waiter, act) = wait(m.admit(lost, None));
         assert_eq!(act, Action::None);
         assert_eq!(
             m.gone(ep(1), lost),
@@ -1071,7 +1197,7 @@ mod tests {
         run(&mut m, ep(1), t);
         let _ = m.gone(ep(1), t);
         let now = t + Duration::from_secs(1);
-        let (_, act) = wait(m.admit(now));
+        let (_, act) = wait(m.admit(now, None));
         assert_eq!(act, Action::Start);
         m.start_failed(err("boom"), now);
         m.abandon();
@@ -1093,7 +1219,7 @@ mod tests {
         );
         run(&mut m, ep(1), t);
         assert!(m.suspect(ep(1)));
-        let (waiter, _) = wait(m.admit(t));
+        let (waiter, _) = wait(m.admit(t, None));
         assert_eq!(m.gone(ep(1), t), Action::Start, "restarted for the waiter");
         let _ = m.start_succeeded(ep(2), t);
         assert!(matches!(m.claim(waiter, t), Claim::Ready(e) if e == ep(2)));

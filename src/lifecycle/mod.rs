@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+mod boot;
 mod machine;
 mod observed;
 
@@ -39,16 +40,17 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, Endpoint, Status};
 use crate::probe::{self, ProbeConfig};
+use crate::route::Admission;
 use crate::telemetry::{self, StartResult};
 use crate::{BoxError, Error};
 
 pub(crate) use machine::Limits;
 pub use machine::State;
-use machine::{Action, Admit, Claim, Idle, Machine, Reject, Wake};
+use machine::{Action, Admit, Claim, Deadline, Idle, Machine, Reject, Wake};
 use observed::Observed;
 pub use observed::{MachineStatus, StartPhase, StartTimings};
 
@@ -72,6 +74,8 @@ pub(crate) enum Woken {
 pub(crate) struct Timings {
     pub(crate) cold_start_timeout: Duration,
     pub(crate) start_timeout: Duration,
+    /// How a proxied request that finds the machine not running is admitted.
+    pub(crate) admission: Admission,
 }
 
 pub(crate) struct Lifecycle {
@@ -90,6 +94,8 @@ pub(crate) struct Lifecycle {
     stops: AtomicU64,
     /// What operators are shown; never consulted for a decision.
     observed: Mutex<Observed>,
+    /// The runtime the machine was made on; see `spawn_at_home`.
+    home: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -127,6 +133,7 @@ impl Lifecycle {
             idle_timeout,
             stops: AtomicU64::new(0),
             observed: Mutex::new(Observed::default()),
+            home: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -204,7 +211,25 @@ impl Lifecycle {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        tokio::spawn(telemetry::scope(&self.name, fut));
+        self.spawn_at_home(telemetry::scope(&self.name, fut));
+    }
+
+    /// Spawns `fut` on the runtime the machine was made on, when there is one: a server with a
+    /// runtime per worker thread ends those runtimes (and every task on them) when it stops
+    /// serving, while starting, stopping and upgraded connections must outlive it.
+    pub(crate) fn spawn_at_home<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.home {
+            Some(home) => drop(home.spawn(fut)),
+            None => drop(tokio::spawn(fut)),
+        }
+    }
+
+    /// Whether a task can be spawned from here.
+    fn can_spawn(&self) -> bool {
+        self.home.is_some() || tokio::runtime::Handle::try_current().is_ok()
     }
 
     fn act(self: &Arc<Self>, action: Action) {
@@ -215,19 +240,68 @@ impl Lifecycle {
         }
     }
 
-    /// Waits until the machine runs and counts the caller in flight until the lease drops.
-    pub(crate) async fn acquire(self: &Arc<Self>) -> Result<Lease, Error> {
+    /// How long until the machine is expected to be ready, from past starts (see
+    /// [`MachineStatus::ready_in`]).
+    fn ready_in(&self, state: State, now: Instant) -> Option<Duration> {
+        self.observed().ready_in(state, now)
+    }
+
+    /// For a proxied request: waits until the machine runs, as the route's admission says, and
+    /// counts the caller in flight until the lease drops.
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+    ) -> impl std::future::Future<Output = Result<Lease, Error>> + Send + '_ {
+        self.acquire_with(self.timings.admission)
+    }
+
+    /// Waits until the machine runs and counts the caller in flight until the lease drops; with
+    /// [`Admission::Deadline`], refuses at once when past starts say the wait would outlast
+    /// `cold_start_timeout`.
+    pub(crate) async fn acquire_with(
+        self: &Arc<Self>,
+        admission: Admission,
+    ) -> Result<Lease, Error> {
         let (ticket, mut rx) = {
             let now = Instant::now();
+            // Read before the machine's lock (the two locks are never nested); a change in
+            // between only makes the estimate a moment old.
+            let deadline = match admission {
+                Admission::Deadline => match self.state() {
+                    State::Running(_) => None,
+                    state => self.ready_in(state, now).map(|expected| Deadline {
+                        wait: self.timings.cold_start_timeout,
+                        expected,
+                    }),
+                },
+                Admission::Wait => None,
+            };
             let mut m = self.lock();
             let (before, age) = (m.state(), m.phase_age(now));
-            match m.admit(now) {
+            match m.admit(now, deadline) {
                 Admit::Ready(ep) => return Ok(self.lease_now(m, now, ep)),
                 Admit::Reject(Reject::Overloaded { max_pending }) => {
-                    return Err(Error::overloaded(&self.name, max_pending));
+                    drop(m);
+                    let retry_after = self.ready_in(before, now);
+                    return Err(Error::overloaded(&self.name, max_pending, retry_after));
                 }
                 Admit::Reject(Reject::BackingOff { error, retry_after }) => {
                     return Err(Error::start_failed(&self.name, error, retry_after));
+                }
+                Admit::Reject(Reject::TooSlow { deadline, action }) => {
+                    if action == Action::Start {
+                        self.publish(&m, before, age, "request refused by its deadline");
+                    }
+                    drop(m);
+                    debug!(
+                        machine = %self.name, expected = ?deadline.expected, wait = ?deadline.wait,
+                        "deadline admission: refused at once, the start goes on"
+                    );
+                    self.act(action);
+                    return Err(Error::start_too_slow(
+                        &self.name,
+                        deadline.expected,
+                        deadline.wait,
+                    ));
                 }
                 Admit::Wait { ticket, action } => {
                     // Subscribed under the lock that admitted us: no change can slip between.
@@ -631,7 +705,7 @@ impl Drop for Lease {
         };
         if action != Action::None {
             self.lifecycle.decide("drained", |_, _| ());
-            if tokio::runtime::Handle::try_current().is_ok() {
+            if self.lifecycle.can_spawn() {
                 self.lifecycle.act(action);
             }
         }
@@ -702,6 +776,8 @@ impl Handle {
             idle_stop_in: idle_at.map(|at| at.saturating_duration_since(now)),
             last_error: observed.last_error(),
             boot_time: observed.boot_time(),
+            boot_phases: observed.boot_phases(),
+            ready_in: observed.ready_in(state, now),
             last_start: observed.last_start(),
         }
     }
@@ -713,8 +789,11 @@ impl Handle {
 
     /// Starts the machine if it is not running (joining a start already in flight) and waits
     /// until it is ready, within the route's `cold_start_timeout`.
+    ///
+    /// It waits whatever the route's [`admission`](crate::RouteBuilder::admission): a
+    /// pre-warm is not refused for being slow.
     pub async fn start(&self) -> Result<Endpoint, Error> {
-        let lease = self.lifecycle.acquire().await?;
+        let lease = self.lifecycle.acquire_with(Admission::Wait).await?;
         Ok(lease.endpoint())
     }
 

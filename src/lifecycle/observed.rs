@@ -1,16 +1,14 @@
 //! What a machine's lifecycle shows the outside: the phase of a start in flight, how long past
-//! starts took, the last error. Kept by the driver beside the state machine, which decides
-//! nothing from it.
+//! starts took and what they predict, the last error. Kept by the driver beside the state
+//! machine, which takes nothing from it but the expected time to ready that deadline admission
+//! is decided by.
 
-use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::boot::{Boots, Progress};
 use super::State;
-
-/// How many past cold starts the expected boot time is taken from.
-const BOOTS_KEPT: usize = 16;
 
 /// Where a start in flight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +65,15 @@ pub struct MachineStatus {
     pub idle_stop_in: Option<Duration>,
     /// The last start or stop that failed, and why.
     pub last_error: Option<String>,
-    /// The median of recent cold starts, backend and readiness together.
+    /// The median of recent cold starts' totals (backend and readiness together); `None` before
+    /// the first start succeeded.
     pub boot_time: Option<Duration>,
+    /// The median of recent cold starts' durations, phase by phase.
+    pub boot_phases: Option<StartTimings>,
+    /// How long until the machine is expected to be ready, from [`boot_time`](Self::boot_time):
+    /// during a start, what is left of it (zero once overdue); while absent or stopping, a whole
+    /// start. `None` while it runs, or before the first start succeeded.
+    pub ready_in: Option<Duration>,
     /// The last cold start's phases.
     pub last_start: Option<StartTimings>,
 }
@@ -78,7 +83,7 @@ pub(crate) struct Observed {
     /// The start in flight: its phase and when that phase began; when the start began.
     start: Option<(StartPhase, Instant, Instant)>,
     last_error: Option<String>,
-    boots: VecDeque<StartTimings>,
+    boots: Boots,
 }
 
 impl Observed {
@@ -102,10 +107,7 @@ impl Observed {
             backend: phase_began.saturating_duration_since(began),
             readiness: now.saturating_duration_since(phase_began),
         };
-        if self.boots.len() == BOOTS_KEPT {
-            self.boots.pop_front();
-        }
-        self.boots.push_back(timings);
+        self.boots.record(timings);
         Some(timings)
     }
 
@@ -122,22 +124,38 @@ impl Observed {
     }
 
     pub(crate) fn last_start(&self) -> Option<StartTimings> {
-        self.boots.back().copied()
+        self.boots.last()
     }
 
-    /// The median of the kept cold starts.
+    /// The median of the kept cold starts' totals.
     pub(crate) fn boot_time(&self) -> Option<Duration> {
-        let mut totals: Vec<Duration> = self.boots.iter().map(StartTimings::total).collect();
-        if totals.is_empty() {
-            return None;
-        }
-        totals.sort_unstable();
-        let mid = totals.len() / 2;
-        Some(if totals.len() % 2 == 1 {
-            totals[mid]
-        } else {
-            (totals[mid - 1] + totals[mid]) / 2
+        self.boots.estimate().map(|e| e.total)
+    }
+
+    /// The median of the kept cold starts' phases.
+    pub(crate) fn boot_phases(&self) -> Option<StartTimings> {
+        self.boots.estimate().map(|e| StartTimings {
+            backend: e.backend,
+            readiness: e.readiness,
         })
+    }
+
+    /// How long until a machine in `state` is expected to be ready, from past starts; `None`
+    /// while it runs (a status check under way included) or with no past start.
+    pub(crate) fn ready_in(&self, state: State, now: Instant) -> Option<Duration> {
+        let estimate = self.boots.estimate()?;
+        let progress = match (state, self.start) {
+            (State::Running(_), _) => return None,
+            (State::Creating, Some((StartPhase::Backend, _, began))) => {
+                Progress::Backend(now.saturating_duration_since(began))
+            }
+            (State::Creating, Some((StartPhase::Readiness, since, _))) => {
+                Progress::Readiness(now.saturating_duration_since(since))
+            }
+            // Creating, but its task has not begun yet: the whole start is ahead.
+            (State::Creating | State::Absent | State::Stopping, _) => Progress::NotBegun,
+        };
+        Some(estimate.remaining(progress))
     }
 }
 
@@ -169,9 +187,46 @@ mod tests {
         assert_eq!(o.starting(), None);
         // Totals 1.2 s, 3.5 s, 2.1 s: the median is 2.1 s.
         assert_eq!(o.boot_time(), Some(Duration::from_millis(2100)));
+        assert_eq!(
+            o.boot_phases(),
+            Some(StartTimings {
+                backend: Duration::from_millis(2000),
+                readiness: Duration::from_millis(200)
+            })
+        );
         // A failed start is no boot.
         o.start_began(t0);
         assert_eq!(o.start_ended(false, t0), None);
-        assert_eq!(o.boots.len(), 3);
+        assert_eq!(o.boot_time(), Some(Duration::from_millis(2100)));
+        assert_eq!(o.last_start().unwrap().total(), Duration::from_millis(2100));
+    }
+
+    #[test]
+    fn the_time_to_ready_follows_the_start_in_flight() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut o = Observed::default();
+        assert_eq!(o.ready_in(State::Absent, t0), None, "no past start");
+        o.start_began(t0);
+        o.probing(t0 + ms(4000));
+        o.start_ended(true, t0 + ms(5000));
+        // Backend 4 s, readiness 1 s.
+        assert_eq!(o.ready_in(State::Absent, t0), Some(ms(5000)));
+        assert_eq!(o.ready_in(State::Stopping, t0), Some(ms(5000)));
+        let ep = crate::backend::Endpoint::new(([127, 0, 0, 1], 1).into());
+        assert_eq!(o.ready_in(State::Running(ep), t0), None);
+        // Creating, its task not begun yet.
+        assert_eq!(o.ready_in(State::Creating, t0), Some(ms(5000)));
+        let t1 = t0 + ms(60_000);
+        o.start_began(t1);
+        assert_eq!(o.ready_in(State::Creating, t1 + ms(1500)), Some(ms(3500)));
+        assert_eq!(
+            o.ready_in(State::Creating, t1 + ms(4500)),
+            Some(ms(1000)),
+            "late on the platform: the probing is still ahead"
+        );
+        o.probing(t1 + ms(4500));
+        assert_eq!(o.ready_in(State::Creating, t1 + ms(4800)), Some(ms(700)));
+        assert_eq!(o.ready_in(State::Creating, t1 + ms(9000)), Some(ms(0)));
     }
 }

@@ -328,7 +328,8 @@ fn respond(
                 return error_response(&Error::upstream(lease.lifecycle().name(), e));
             }
             let backend_side = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-            tokio::spawn(splice(client_side, backend_side, lease));
+            let lifecycle = lease.lifecycle().clone();
+            lifecycle.spawn_at_home(splice(client_side, backend_side, lease));
             headers::for_client(&mut parts.headers, Some(protocol));
             return Response::from_parts(parts, ProxiedBody::empty());
         }

@@ -8,6 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,7 +56,10 @@ struct Conn {
 const MAX_DIALING: usize = 8;
 
 pub(crate) struct Pool {
-    idle: Mutex<Vec<Conn>>,
+    /// Idle connections by the thread that made them: a connection is driven by a task on the
+    /// runtime it was opened on, and with a runtime per worker thread (`Server::workers`) a
+    /// request served by another thread would hand every exchange over between threads.
+    idle: Mutex<Vec<(ThreadId, Vec<Conn>)>>,
     /// Connections being dialled at once. When thousands of requests parked on a cold start are
     /// released together, most of them find a pooled connection free by the time a dial slot
     /// is, instead of each opening its own.
@@ -166,7 +170,9 @@ impl Pool {
 
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let now = Instant::now();
+        let here = std::thread::current().id();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = &mut idle.iter_mut().find(|(thread, _)| *thread == here)?.1;
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -184,7 +190,16 @@ impl Pool {
     }
 
     fn put(&self, conn: Conn) {
+        let here = std::thread::current().id();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match idle.iter().position(|(thread, _)| *thread == here) {
+            Some(at) => at,
+            None => {
+                idle.push((here, Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let idle = &mut idle[at].1;
         if idle.len() < self.max_idle {
             idle.push(conn);
         }

@@ -6,6 +6,8 @@
 //! client) that finds the machine not running gets `503 Service Unavailable` with `Retry-After`,
 //! `Cache-Control: no-store`, `Vary: Accept` and a small HTML page: the machine's name, what it
 //! is doing, how long it has been at it and, from past starts, how long it should still take.
+//! `Retry-After` is that time (from the medians of the last cold starts, phase by phase), or
+//! what is left of the back-off after a failed start; a second when nothing is known yet.
 //! The request sets the machine's start going but does not wait for it: the page reloads itself
 //! (`<meta http-equiv="refresh">`, no JavaScript needed) until the machine answers, and then the
 //! browser shows the machine's own page. After a failed start the page gives the reason and
@@ -27,9 +29,9 @@
 //! | `status` | what it is doing, in words: creating and booting, probing, stopping, a failed start |
 //! | `phase` | the same in one word: `starting`, `booting`, `probing`, `stopping`, `checking`, `failed` |
 //! | `elapsed_seconds` | whole seconds in that phase (for a start: since it began) |
-//! | `expected_seconds` | seconds still to go, from the median of past starts; empty when none is known |
+//! | `expected_seconds` | seconds still to go, from the medians of past starts' phases; empty when none is known |
 //! | `progress` | 0–99 from the same estimate; empty when none is known (an indeterminate `<progress>`) |
-//! | `refresh_seconds` | when the page reloads, as in `Retry-After` |
+//! | `refresh_seconds` | when the page reloads: every second while the machine starts or stops (the bar moves, and the browser reaches the machine about a second after it is up); at the end of the back-off after a failed start |
 //! | `error` | why the last start failed, during the back-off after it; else empty |
 //!
 //! A template is checked when the route is built: an unknown placeholder or an unclosed section
@@ -89,6 +91,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 pub use template::{Template, TemplateError};
 
 use crate::body::ProxiedBody;
+use crate::error::retry_after_secs;
 use crate::lifecycle::{MachineStatus, StartPhase, State};
 use crate::BoxError;
 
@@ -153,7 +156,7 @@ pub(crate) fn response(
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // The same URL answers a client that does not prefer HTML by waiting.
     h.insert(VARY, HeaderValue::from_static("Accept"));
-    h.insert(RETRY_AFTER, HeaderValue::from(v.refresh));
+    h.insert(RETRY_AFTER, HeaderValue::from(v.retry_after));
     if head {
         h.insert(CONTENT_LENGTH, HeaderValue::from(html.len()));
     }
@@ -169,6 +172,9 @@ struct Values {
     expected: Option<u64>,
     progress: Option<u64>,
     refresh: u64,
+    /// `Retry-After`: when the machine is expected to be up, which may be later than the page's
+    /// next reload.
+    retry_after: u64,
     error: Option<String>,
 }
 
@@ -185,14 +191,16 @@ impl Values {
             expected: None,
             progress: None,
             refresh: REFRESH.as_secs(),
+            retry_after: retry_after_secs(status.ready_in.unwrap_or(REFRESH)),
             error: None,
         };
         match (why, status.state) {
             (NotRunning::BackingOff(error, retry_after), _) => {
-                let secs = whole_seconds(retry_after);
+                let secs = retry_after_secs(retry_after);
                 v.phase = "failed";
                 v.status = format!("The machine could not be started; trying again in {secs} s.");
                 v.refresh = secs;
+                v.retry_after = secs;
                 v.error = Some(error.to_string());
             }
             (NotRunning::Yet, State::Creating) => {
@@ -206,13 +214,12 @@ impl Values {
                     ),
                     None => ("starting", "Starting the machine…".into()),
                 };
-                if let Some(boot) = status.boot_time.filter(|b| !b.is_zero()) {
+                if let Some(left) = status.ready_in {
                     let spent = now.duration_since(status.state_since).unwrap_or_default();
                     // Never "0 s to go" or 100 %: it is not up yet.
-                    let left = boot.saturating_sub(spent);
-                    v.expected = Some(whole_seconds(left));
-                    v.progress =
-                        Some(((spent.as_millis() * 100) / boot.as_millis().max(1)).min(99) as u64);
+                    v.expected = Some(retry_after_secs(left));
+                    let whole = (spent + left).as_millis().max(1);
+                    v.progress = Some(((spent.as_millis() * 100) / whole).min(99) as u64);
                 }
             }
             (NotRunning::Yet, State::Stopping) => {
@@ -249,11 +256,6 @@ impl Values {
     }
 }
 
-/// Whole seconds, rounded up, at least one (as `Retry-After` must be to mean "later").
-fn whole_seconds(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +272,8 @@ mod tests {
             idle_stop_in: None,
             last_error: None,
             boot_time: None,
+            boot_phases: None,
+            ready_in: None,
             last_start: None,
         }
     }
@@ -280,13 +284,19 @@ mod tests {
         let mut s = status(State::Creating, now - Duration::from_millis(2500));
         s.starting = Some((StartPhase::Backend, now));
         s.boot_time = Some(Duration::from_secs(10));
+        s.ready_in = Some(Duration::from_millis(7500));
         let v = Values::new(&s, NotRunning::Yet, now);
         assert_eq!(v.phase, "booting");
         assert_eq!((v.elapsed, v.expected, v.progress), (2, Some(8), Some(25)));
-        assert_eq!(v.refresh, 1);
+        assert_eq!(v.refresh, 1, "the bar moves");
+        assert_eq!(v.retry_after, 8, "Retry-After: when it should be up");
         // Overdue: still a second to go, and never 100 %.
+        s.ready_in = Some(Duration::ZERO);
         let v = Values::new(&s, NotRunning::Yet, now + Duration::from_secs(30));
-        assert_eq!((v.expected, v.progress), (Some(1), Some(99)));
+        assert_eq!(
+            (v.expected, v.progress, v.retry_after),
+            (Some(1), Some(99), 1)
+        );
         s.starting = Some((StartPhase::Readiness, now));
         assert_eq!(Values::new(&s, NotRunning::Yet, now).phase, "probing");
     }
@@ -296,6 +306,11 @@ mod tests {
         let now = SystemTime::now();
         let v = Values::new(&status(State::Creating, now), NotRunning::Yet, now);
         assert_eq!((v.phase, v.expected, v.progress), ("starting", None, None));
+        assert_eq!(
+            (v.refresh, v.retry_after),
+            (1, 1),
+            "as before there was an estimate"
+        );
         let html = v.render(&Template::parse(DEFAULT_TEMPLATE).unwrap(), "gpu");
         assert!(html.contains("<progress>"), "indeterminate: {html}");
         assert!(!html.contains("to go"), "{html}");
@@ -304,8 +319,15 @@ mod tests {
     #[test]
     fn stopping_and_checking_say_so() {
         let now = SystemTime::now();
-        let v = Values::new(&status(State::Stopping, now), NotRunning::Yet, now);
+        let mut s = status(State::Stopping, now);
+        s.ready_in = Some(Duration::from_millis(4200));
+        let v = Values::new(&s, NotRunning::Yet, now);
         assert_eq!(v.phase, "stopping");
+        assert_eq!(
+            (v.refresh, v.retry_after),
+            (1, 5),
+            "a whole start follows the stop"
+        );
         let ep = Endpoint::new(([127, 0, 0, 1], 1).into());
         let v = Values::new(&status(State::Running(ep), now), NotRunning::Yet, now);
         assert_eq!(v.phase, "checking");
@@ -321,7 +343,7 @@ mod tests {
             NotRunning::BackingOff(&error, Duration::from_millis(2100)),
             now,
         );
-        assert_eq!((v.phase, v.refresh), ("failed", 3));
+        assert_eq!((v.phase, v.refresh, v.retry_after), ("failed", 3, 3));
         assert_eq!(v.error.as_deref(), Some("quota <exceeded>"));
         let res = response(
             &Template::parse(DEFAULT_TEMPLATE).unwrap(),

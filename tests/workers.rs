@@ -1,0 +1,159 @@
+//! `Server::workers` and `Server::bind`: a runtime and a listening socket per worker thread,
+//! the listen backlog, and the same shutdown as with one worker. Raw sockets throughout.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vmproxy::server::Server;
+
+/// The thread that served the request, and a slow route.
+fn app() -> Router {
+    Router::new()
+        .route(
+            "/thread",
+            get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "slow"
+            }),
+        )
+}
+
+/// Sends one request on a new connection and returns the whole response (the server closes).
+async fn get_closed(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .expect("no response")
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_address_and_drain_on_shutdown() {
+    let server = Server::new().workers(2);
+    let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listeners.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listeners, app(), async {
+        let _ = stopped.await;
+    }));
+
+    // The kernel spreads connections over the two sockets by their ports: over 32
+    // connections, both workers serve some (all on one: a chance of 2^-31).
+    let mut threads = BTreeSet::new();
+    for _ in 0..32 {
+        let res = get_closed(addr, "/thread").await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        threads.insert(res.rsplit("\r\n\r\n").next().unwrap().to_owned());
+    }
+    assert_eq!(
+        threads,
+        BTreeSet::from(["vmproxy-worker-0".to_owned(), "vmproxy-worker-1".to_owned()]),
+        "served by the workers' own threads"
+    );
+
+    // A request in flight when shutdown begins is answered; then nothing listens.
+    let slow = tokio::spawn(get_closed(addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let res = slow.await.unwrap();
+    assert!(
+        res.starts_with("HTTP/1.1 200") && res.ends_with("slow"),
+        "{res}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the server did not end after draining")
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_server_closes_the_workers_connections() {
+    let server = Server::new().workers(2);
+    let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listeners.local_addr().unwrap();
+    let serving = tokio::spawn(server.serve(listeners, app(), std::future::pending()));
+    // An idle keep-alive connection, after one request.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    serving.abort();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a worker kept its connection after the server was dropped"
+    );
+}
+
+/// The backlog given is the kernel's accept queue: with nothing accepted (the one connection
+/// slot is taken), the kernel completes the handshakes of about `backlog` clients and ignores
+/// the rest, which then fail to connect.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listen_backlog_is_the_kernels_accept_queue() {
+    async fn connected_of(backlog: u32, clients: usize) -> usize {
+        let server = Server::new().max_connections(1).listen_backlog(backlog);
+        let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listeners.local_addr().unwrap();
+        let serving = tokio::spawn(server.serve(listeners, app(), std::future::pending()));
+        // Takes the only slot: from now on nothing is accepted.
+        let held = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut tries = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            tries.spawn(async move {
+                tokio::time::timeout(Duration::from_millis(700), TcpStream::connect(addr)).await
+            });
+        }
+        let mut connected = 0;
+        let mut kept = Vec::new();
+        while let Some(r) = tries.join_next().await {
+            if let Ok(Ok(s)) = r.unwrap() {
+                connected += 1;
+                kept.push(s);
+            }
+        }
+        serving.abort();
+        drop((held, kept));
+        connected
+    }
+    // Linux queues backlog + 1 connections.
+    let small = connected_of(4, 20).await;
+    assert!(
+        (4..=6).contains(&small),
+        "{small} of 20 connected with a backlog of 4"
+    );
+    let large = connected_of(64, 20).await;
+    assert_eq!(large, 20, "with a backlog of 64 every client gets in");
+}
