@@ -102,10 +102,14 @@ async fn serve(app: Router, listen: SocketAddr) -> Result<(), BoxError> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    // Logs go to stderr (stdout carries the example's own output), in colour only on a
+    // terminal: `2> gce.log` gets plain text, not escape codes.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut a = args()?;
     if a.emulator {

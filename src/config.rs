@@ -4,6 +4,11 @@
 //! invalid duration "10x"…`), and unknown keys are errors, so a typo never silently falls
 //! back to a default.
 //!
+//! `listen` and `[admin] listen` may read the environment: `"0.0.0.0:${PORT}"`, or
+//! `"0.0.0.0:${PORT:-8080}"` with a default (used when the variable is unset or empty). An unset
+//! variable with no default is an error naming it. No other key is expanded: a process
+//! `command` keeps its `${...}` for the shell it may run.
+//!
 //! # Example
 //!
 //! ```
@@ -567,13 +572,80 @@ fn opt_admission<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Admission>, D
         .map_err(|e: crate::ConfigError| serde::de::Error::custom(e.reason()))
 }
 
+/// A listen address; `${VAR}` and `${VAR:-default}` in it are read from the environment, so a
+/// platform that picks the port (Cloud Run's `$PORT`) needs no edit of the file.
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    let s = String::deserialize(d)?;
+    let written = String::deserialize(d)?;
+    let s = expand_env(&written, |name| std::env::var(name).ok())
+        .map_err(|e| serde::de::Error::custom(e.to_string()))?;
     s.parse().map_err(|_| {
+        let from = if s == written {
+            String::new()
+        } else {
+            format!(" (expanded from {written:?})")
+        };
         serde::de::Error::custom(format!(
-            "{s:?} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\""
+            "{s:?}{from} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\""
         ))
     })
+}
+
+/// Why a `${...}` in a listen address could not be expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ExpandError {
+    /// `${NAME}` with `NAME` unset (or empty) and no `:-default`.
+    Unset(String),
+    /// A `${` with no closing `}`, or a name that is not `[A-Za-z_][A-Za-z0-9_]*`.
+    Malformed(String),
+}
+
+impl fmt::Display for ExpandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpandError::Unset(name) => write!(
+                f,
+                "environment variable {name} is not set; set it, or give a default: ${{{name}:-8080}}"
+            ),
+            ExpandError::Malformed(text) => write!(
+                f,
+                "{text:?}: write a variable as ${{NAME}} or ${{NAME:-default}} (NAME: letters, digits, _)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ExpandError {}
+
+/// Replaces `${NAME}` and `${NAME:-default}` the way a POSIX shell does (an empty value takes the
+/// default too). Nothing else is special: a lone `$` stays as written.
+fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ExpandError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ExpandError::Malformed(rest[at..].to_owned()))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(ExpandError::Malformed(rest[at..at + 3 + end].to_owned()));
+        }
+        match (lookup(name).filter(|v| !v.is_empty()), default) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => return Err(ExpandError::Unset(name.to_owned())),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -774,6 +846,72 @@ stop_grace = "10s"
         assert!(w[0].starts_with("route[1].name"), "{w:?}");
         let named = two.replace("path = \"/b\"", "path = \"/b\"\nname = \"b\"");
         assert!(Config::parse(&named).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn listen_expands_variables() {
+        let env = |name: &str| match name {
+            "PORT" => Some("9000".to_owned()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let x = |s: &str| expand_env(s, env);
+        assert_eq!(x("0.0.0.0:${PORT}").unwrap(), "0.0.0.0:9000");
+        assert_eq!(x("0.0.0.0:${PORT:-8080}").unwrap(), "0.0.0.0:9000");
+        assert_eq!(x("0.0.0.0:${NOPE:-8080}").unwrap(), "0.0.0.0:8080");
+        assert_eq!(
+            x("${EMPTY:-8080}").unwrap(),
+            "8080",
+            "empty takes the default"
+        );
+        assert_eq!(x("${HOST:-[::]}:${PORT}").unwrap(), "[::]:9000");
+        assert_eq!(x("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(x("$PORT").unwrap(), "$PORT", "only ${{...}} is expanded");
+        assert_eq!(x("0.0.0.0:${NOPE}"), Err(ExpandError::Unset("NOPE".into())));
+        assert_eq!(
+            x("0.0.0.0:${EMPTY}"),
+            Err(ExpandError::Unset("EMPTY".into()))
+        );
+        assert!(matches!(
+            x("0.0.0.0:${PORT"),
+            Err(ExpandError::Malformed(_))
+        ));
+        assert!(matches!(x("0.0.0.0:${}"), Err(ExpandError::Malformed(_))));
+        assert!(matches!(x("0.0.0.0:${1X}"), Err(ExpandError::Malformed(_))));
+        assert!(matches!(
+            x("0.0.0.0:${A B}"),
+            Err(ExpandError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn an_unset_listen_variable_is_a_config_error_naming_it() {
+        // A name no environment sets; no set_var needed (other tests run in parallel).
+        let var = "VMPROXY_TEST_SURELY_UNSET_PORT";
+        let e = err(&GOOD.replace("127.0.0.1:8080", &format!("127.0.0.1:${{{var}}}")));
+        assert_eq!(e.key(), "listen", "{e}");
+        assert!(e.to_string().contains(var), "{e}");
+        let c =
+            Config::parse(&GOOD.replace("127.0.0.1:8080", &format!("127.0.0.1:${{{var}:-8181}}")))
+                .unwrap();
+        assert_eq!(c.listen.port(), 8181);
+
+        let admin = |listen: &str| format!("{GOOD}\n[admin]\nlisten = \"{listen}\"\n");
+        let c = Config::parse(&admin(&format!("127.0.0.1:${{{var}:-9191}}"))).unwrap();
+        assert_eq!(c.admin.unwrap().listen.port(), 9191);
+        let e = err(&admin(&format!("127.0.0.1:${{{var}}}")));
+        assert_eq!(e.key(), "admin.listen", "{e}");
+        assert!(e.to_string().contains(var), "{e}");
+        let e = err(&admin(&format!("127.0.0.1:${{{var}:-x}}")));
+        assert!(e.to_string().contains("expanded from"), "{e}");
+
+        // Nowhere else: a command keeps its `${...}` for the shell it runs.
+        let c = Config::parse(&GOOD.replace(
+            "[\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\"]",
+            &format!("[\"sh\", \"-c\", \"exec python3 -m http.server ${{PORT}} # ${{{var}}}\"]"),
+        ))
+        .unwrap();
+        assert!(c.routes[0].process.as_ref().unwrap().command[2].contains(var));
     }
 
     #[test]

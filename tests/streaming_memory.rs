@@ -8,14 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::Request;
-use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::Frame;
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
+use http_body_util::Empty;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_stream_through_without_being_held() {
@@ -29,16 +22,7 @@ async fn sixty_four_mib_stream_through_without_being_held() {
     let before = rss_kib();
 
     // Request: 64 MiB produced chunk by chunk; the backend counts it as it streams.
-    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
-    let up = futures_util::stream::iter(
-        (0..1024).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
-    );
-    let req = Request::post("/app/sink")
-        .header("host", "h")
-        .body(StreamBody::new(up))
-        .unwrap();
-    let res = send(addr, req).await.unwrap();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let (_, body) = upload_to_sink(addr, 64, Duration::ZERO).await;
     assert_eq!(body, (64 * MIB).to_string());
 
     // Response: 64 MiB, read chunk by chunk.
@@ -47,14 +31,7 @@ async fn sixty_four_mib_stream_through_without_being_held() {
         .body(Empty::<Bytes>::new())
         .unwrap();
     let res = send(addr, req).await.unwrap();
-    let mut body = res.into_body();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(d) = frame.unwrap().into_data() {
-            n += d.len() as u64;
-        }
-    }
-    assert_eq!(n, 64 * MIB);
+    assert_eq!(count_body(res, None).await, 64 * MIB);
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
     // Client, proxy and backend share this process: a proxy that buffered either body would add
     // at least 64 MiB.

@@ -448,3 +448,49 @@ pub fn promtool_check(text: &str) -> Option<(bool, String)> {
     );
     Some((out.status.success(), said))
 }
+
+/// This process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// POSTs `mib` MiB of `y` to the machine's `/app/sink`, in 64 KiB chunks made as they are sent,
+/// resting `pause` before every 8 MiB; returns the status and what the sink counted.
+pub async fn upload_to_sink(addr: SocketAddr, mib: u64, pause: Duration) -> (StatusCode, String) {
+    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
+    let up = futures_util::StreamExt::then(futures_util::stream::iter(0..mib * 16), move |i| {
+        let chunk = chunk.clone();
+        async move {
+            if i % 128 == 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            Ok::<_, Infallible>(Frame::data(chunk))
+        }
+    });
+    let req = http::Request::post("/app/sink")
+        .header("host", "front.test")
+        .body(StreamBody::new(up))
+        .unwrap();
+    let res = send(addr, req).await.unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Reads `res`'s body frame by frame, never whole; returns its length. With `byte`, every byte
+/// must be that one.
+pub async fn count_body(res: http::Response<hyper::body::Incoming>, byte: Option<u8>) -> u64 {
+    let mut body = res.into_body();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            if let Some(b) = byte {
+                assert!(d.iter().all(|&x| x == b), "a byte other than {b:?}");
+            }
+            n += d.len() as u64;
+        }
+    }
+    n
+}
