@@ -57,6 +57,7 @@ impl Binary {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
         let pid = child.id().ok_or("the binary exited at once")?;
@@ -154,12 +155,16 @@ pub async fn accept_storm(args: Args) -> Result<(), BoxError> {
         Some(b) => format!("listen_backlog = {b}"),
         None => String::new(),
     };
-    // Served at once: the process is `python3 -m http.server`, up in well under a second.
+    // The machine is this harness's backend server, started as the route's process: up in a
+    // few milliseconds, and (unlike `python3 -m http.server`, whose listen backlog is 5) it
+    // takes the burst of proxied requests without dropping SYNs of its own.
+    let exe = std::env::current_exe()?;
+    let addr_file = std::env::temp_dir().join(format!("vmproxy-storm-{}.addr", std::process::id()));
     let config = format!(
         "listen = \"127.0.0.1:{{listen_port}}\"\n{extra}\n\
-         [[route]]\nname = \"storm\"\npath = \"/app\"\nstrip_prefix = true\nhealth_path = \"/\"\n\
+         [[route]]\nname = \"storm\"\npath = \"/app\"\nhealth_path = \"/app/health\"\n\
          max_pending = 100000\n\
-         [route.process]\ncommand = [\"python3\", \"-m\", \"http.server\", \"{{port}}\", \"--bind\", \"127.0.0.1\"]\n"
+         [route.process]\ncommand = [{exe:?}, \"backend\", \"--port\", \"{{port}}\", \"--addr-file\", {addr_file:?}]\n"
     );
     let proxy = Binary::start(&bin, &config).await?;
     let addr = proxy.addr;
@@ -195,6 +200,7 @@ pub async fn accept_storm(args: Args) -> Result<(), BoxError> {
         }
     }
     drop(proxy);
+    let _ = std::fs::remove_file(&addr_file);
     connected.sort_by(f64::total_cmp);
     answered.sort_by(f64::total_cmp);
     let summary = json!({
