@@ -2,26 +2,64 @@
 //! with `[admin]` the admin API, metrics and status page on a listener of their own.
 //! `vmproxy emulate --listen ADDR` (feature `emulator`): a loopback Compute Engine.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use clap::Parser;
 use tracing::{error, info, warn};
 use vmproxy::config::Config;
 use vmproxy::State;
 
-const USAGE: &str = "\
-usage: vmproxy --config FILE.toml [--check]
-       vmproxy emulate --listen 127.0.0.1:8085 [OPTIONS]   (cargo feature `emulator`)
+/// Scale-to-zero backends: serves the routes of a config file, each by a machine (a local
+/// process or a Compute Engine VM) started on its first request and stopped when idle.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmproxy",
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true,
+    subcommand_negates_reqs = true,
+    after_help = "Logs go to stderr; RUST_LOG sets the filter (default: info). \
+                  Exit codes: 0 done, 1 machines left running, 2 a usage or config error."
+)]
+struct Cli {
+    /// Serve the routes of FILE (its keys: see the README)
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        env = "VMPROXY_CONFIG",
+        required = true
+    )]
+    config: Option<PathBuf>,
 
-  --config FILE   serve the routes of FILE (see the README for the keys)
-  --check         only check the file, then exit (0: good, 2: bad)
-  -h, --help      this text
-  -V, --version   the version
+    /// Only check the file, then exit (0: good, 2: bad)
+    #[arg(long)]
+    check: bool,
 
-Logs go to stderr; RUST_LOG sets the filter (default: info).";
+    /// Listen on ADDR instead of the file's `listen` (e.g. 0.0.0.0:8080)
+    #[arg(long, value_name = "ADDR", env = "VMPROXY_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A loopback Compute Engine and metadata server, for tests and demos (cargo feature
+    /// `emulator`); `vmproxy emulate --help` lists its options
+    #[command(disable_help_flag = true)]
+    Emulate {
+        /// The emulator's own options, passed to it as they are
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+}
 
 /// The binary's allocator; the library leaves the choice to its user. Under load glibc's malloc
 /// contended on its arena lock (log lines are allocated on a worker thread and freed on the log
@@ -31,6 +69,8 @@ Logs go to stderr; RUST_LOG sets the filter (default: info).";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Usage errors exit 2, --help and --version 0 (clap's codes, and ours).
+    let cli = Cli::parse();
     // No transparent huge pages: mimalloc asks for them on its arenas, and a 2 MiB page made
     // resident for a few bytes raised the memory of a parked connection from ~20 KB to ~33 KB
     // (benches/e2e `parked-bin`). Nothing here gains from them.
@@ -45,7 +85,6 @@ fn main() -> ExitCode {
         .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -53,41 +92,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    runtime.block_on(run(cli))
 }
 
-async fn run(args: Vec<String>) -> ExitCode {
-    if args.first().map(String::as_str) == Some("emulate") {
-        return emulate(&args[1..]).await;
+async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::Emulate { args }) = &cli.command {
+        return emulate(args).await;
     }
-    let mut config = None;
-    let mut check = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "-V" | "--version" => {
-                println!("vmproxy {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--check" => check = true,
-            "--config" | "-c" => match it.next() {
-                Some(path) => config = Some(PathBuf::from(path)),
-                None => return usage_error("--config needs a file"),
-            },
-            other => match other.strip_prefix("--config=") {
-                Some(path) => config = Some(PathBuf::from(path)),
-                None => return usage_error(&format!("unknown argument {other:?}")),
-            },
-        }
-    }
-    let Some(path) = config else {
-        return usage_error("--config FILE is required");
+    let Some(path) = cli.config else {
+        // clap requires it unless a subcommand is given.
+        unreachable!("--config is required");
     };
-    let config = match Config::load(&path) {
+    let mut config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmproxy: {e}");
@@ -97,19 +113,18 @@ async fn run(args: Vec<String>) -> ExitCode {
     for w in config.warnings() {
         warn!("{}: {w}", path.display());
     }
-    if check {
+    if cli.check {
         println!("{}: ok ({} routes)", path.display(), config.routes.len());
         return ExitCode::SUCCESS;
     }
-    serve(config, &path).await
+    let listen_from_flag = cli.listen.is_some();
+    if let Some(addr) = cli.listen {
+        config.listen = addr;
+    }
+    serve(config, &path, listen_from_flag).await
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("vmproxy: {msg}\n\n{USAGE}");
-    ExitCode::from(2)
-}
-
-async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
+async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -> ExitCode {
     // Before the routes are built, so that their first gauges are recorded. Only the admin
     // listener exports metrics: without it, nothing is recorded.
     #[cfg(feature = "prometheus")]
@@ -124,10 +139,16 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     let listener = match config.server().bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
+            let from = if listen_from_flag {
+                "--listen / VMPROXY_LISTEN".to_owned()
+            } else {
+                format!("{}: listen", path.display())
+            };
             eprintln!(
-                "vmproxy: {}: listen: cannot listen on {}: {e}",
-                path.display(),
-                config.listen
+                "vmproxy: {from}: cannot listen on {}: {e}\n\
+                 (choose another address with --listen ADDR, VMPROXY_LISTEN=ADDR, or `listen` in {})",
+                config.listen,
+                path.display()
             );
             return ExitCode::from(2);
         }
