@@ -189,7 +189,7 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
         }
     };
     for r in layer.routes() {
-        info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
+        info!(machine = %r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
     let app = access_logged(Router::new().fallback(not_found).layer(layer));
 
@@ -223,12 +223,12 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
         if handle.in_use_elsewhere().await {
             // Another replica served through it after us: stopping it would cut them off.
             info!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 "in use by another replica; leaving it running"
             );
             continue;
         }
-        info!(machine = handle.name(), "stopping");
+        info!(machine = %handle.name(), "stopping");
         // Upgraded connections (WebSockets) may outlive the server: give them what is left of
         // the grace period, then stop regardless.
         if tokio::time::timeout_at(deadline, handle.stop())
@@ -236,7 +236,7 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
             .is_err()
         {
             warn!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 "still in use after the grace period; stopping it anyway"
             );
             handle.stop_now().await;
@@ -244,7 +244,7 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
         // A failed stop leaves the machine running (and, for a VM, billing): say so loudly.
         if let State::Running(ep) = handle.state() {
             error!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 endpoint = %ep,
                 "could not stop the machine; it is LEFT RUNNING: stop it by hand"
             );
@@ -309,7 +309,7 @@ where
                     target: "vmproxy::access",
                     status = res.status().as_u16(),
                     latency_ms = %Millis(latency),
-                    machine = served.map(|s| s.machine()),
+                    machine = served.map(|s| tracing::field::display(s.machine())),
                     waited_for_start = served.map(|s| s.waited_for_start()),
                     "served"
                 );

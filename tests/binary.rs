@@ -271,6 +271,48 @@ async fn wait_gone(pid: i32) -> bool {
 }
 
 #[tokio::test]
+async fn every_log_line_names_the_machine_by_its_route_and_pids_are_numbers() {
+    // The command is `sh`; the route names the machine "files".
+    let config = GOOD.replace("path = \"/app\"", "path = \"/app\"\nname = \"files\"");
+    let pidfile =
+        std::env::temp_dir().join(format!("vmproxy-test-{}-names.pid", std::process::id()));
+    let mut proxy = Proxy::start(
+        &config,
+        &[
+            ("PIDFILE", pidfile.to_str().unwrap()),
+            ("RUST_LOG", "info,vmproxy=debug"),
+        ],
+    );
+    let (status, _, body) = common::get_text(proxy.addr, "/app/").await;
+    assert_eq!(status, 200, "{body}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pidfile);
+    let _guard = KillOnDrop(pid);
+    assert_eq!(proxy.signal_and_wait(Signal::SIGTERM).await, Some(0));
+    let log = proxy.log();
+    let started = log
+        .lines()
+        .find(|l| l.contains("process started"))
+        .unwrap_or_else(|| panic!("no start line:\n{log}"));
+    assert!(started.contains(&format!("pid={pid} ")), "{started}");
+    assert!(
+        log.lines().any(|l| l.contains("SIGTERM")),
+        "the stop is logged:\n{log}"
+    );
+    let mut named = 0;
+    for line in log.lines().filter(|l| l.contains("machine=")) {
+        assert!(line.contains("machine=files"), "{line}");
+        named += 1;
+    }
+    assert!(named >= 4, "start, ready, stop lines:\n{log}");
+    assert!(!log.contains("Some("), "an Option printed as such:\n{log}");
+}
+
+#[tokio::test]
 async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
     let mut r = start_binary();
     let (status, _, body) = common::get_text(r.addr, "/nothing-here").await;
