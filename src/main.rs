@@ -14,8 +14,7 @@ use tracing::{error, info, warn};
 use vmproxy::config::Config;
 use vmproxy::State;
 
-/// Scale-to-zero backends: serves the routes of a config file, each by a machine (a local
-/// process or a Compute Engine VM) started on its first request and stopped when idle.
+/// Serves the routes of a config file, each by a machine started on first use, stopped when idle.
 #[derive(Debug, Parser)]
 #[command(
     name = "vmproxy",
@@ -23,7 +22,7 @@ use vmproxy::State;
     args_conflicts_with_subcommands = true,
     disable_help_subcommand = true,
     subcommand_negates_reqs = true,
-    after_help = "Logs go to stderr; RUST_LOG sets the filter (default: info). \
+    after_help = "Logs go to stderr; RUST_LOG sets the filter (default: info).\n\
                   Exit codes: 0 done, 1 machines left running, 2 a usage or config error."
 )]
 struct Cli {
@@ -41,7 +40,7 @@ struct Cli {
     #[arg(long)]
     check: bool,
 
-    /// Listen on ADDR instead of the file's `listen` (e.g. 0.0.0.0:8080)
+    /// Listen on ADDR (e.g. 0.0.0.0:8080) instead of the file's `listen`
     #[arg(long, value_name = "ADDR", env = "VMPROXY_LISTEN")]
     listen: Option<SocketAddr>,
 
@@ -51,8 +50,7 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// A loopback Compute Engine and metadata server, for tests and demos (cargo feature
-    /// `emulator`); `vmproxy emulate --help` lists its options
+    /// A loopback Compute Engine for tests and demos (feature `emulator`; see its --help)
     #[command(disable_help_flag = true)]
     Emulate {
         /// The emulator's own options, passed to it as they are

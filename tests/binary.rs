@@ -154,6 +154,19 @@ fn bad_usage_exits_2_with_a_message() {
 }
 
 #[test]
+fn the_readmes_help_is_the_binarys() {
+    let readme = include_str!("../README.md");
+    let shown = readme
+        .split("```text\n$ vmproxy --help\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README shows `vmproxy --help`");
+    let (code, stdout, _) = run_binary(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(shown.trim_end(), stdout.trim_end());
+}
+
+#[test]
 fn the_config_file_can_come_from_vmproxy_config() {
     let file = TempFile::new(GOOD);
     let path = file.path().to_str().unwrap();
