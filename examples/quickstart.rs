@@ -1,7 +1,7 @@
 //! Quickstart: an always-on axum front, and `/app` served by an on-demand machine.
 //!
 //! ```text
-//! cargo run --example quickstart
+//! cargo run --example quickstart                    # or: -- --listen 127.0.0.1:PORT
 //! curl http://127.0.0.1:3000/          # answered by the front itself
 //! curl http://127.0.0.1:3000/app/      # first time: starts the machine (~2 s), then answers
 //! curl http://127.0.0.1:3000/app/hi    # warm: answered at once by the same process
@@ -81,12 +81,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .nest_service("/admin", admin)
         .layer(layer);
 
-    let addr: SocketAddr = std::env::var("QUICKSTART_ADDR")
-        .unwrap_or_else(|_| "127.0.0.1:3000".into())
-        .parse()?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        format!("cannot listen on {addr}: {e}; set QUICKSTART_ADDR=127.0.0.1:PORT to use another address")
-    })?;
+    // `--listen ADDR`, else QUICKSTART_ADDR, else 127.0.0.1:3000.
+    let addr: SocketAddr = match args.iter().position(|a| a == "--listen") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("--listen needs an address")?
+            .parse()?,
+        None => std::env::var("QUICKSTART_ADDR")
+            .unwrap_or_else(|_| "127.0.0.1:3000".into())
+            .parse()?,
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "quickstart: cannot listen on {addr}: {e}\n\
+                 choose another address: cargo run --example quickstart -- --listen 127.0.0.1:PORT \
+                 (or QUICKSTART_ADDR=127.0.0.1:PORT)"
+            );
+            std::process::exit(2);
+        }
+    };
     let shown = listener.local_addr()?;
     tracing::info!(
         "listening on http://{}  (try: curl http://{}/app/)",

@@ -489,8 +489,9 @@ impl RouteConfig {
     fn builder(&self) -> Result<RouteBuilder, (String, String)> {
         #[cfg(feature = "gce")]
         let gce = self.gce.as_ref();
+        // Without the backend there is no `[route.gce]` table (the key is refused as unknown).
         #[cfg(not(feature = "gce"))]
-        let gce: Option<&()> = None;
+        let gce: Option<&std::convert::Infallible> = None;
         match (&self.process, gce) {
             (Some(p), None) => {
                 let mut backend = ProcessBackend::new(p.command.iter().cloned())
@@ -514,6 +515,8 @@ impl RouteConfig {
                     .map_err(|e| (format!(".gce.{}", e.field()), e.reason().to_owned()))?;
                 Ok(Route::builder(self.path.clone(), backend))
             }
+            #[cfg(not(feature = "gce"))]
+            (None, Some(never)) => match *never {},
             (Some(_), Some(_)) => Err((
                 String::new(),
                 "has both [route.process] and [route.gce]; pick one".into(),

@@ -32,17 +32,21 @@
 //! with a JSON API, the Prometheus exposition, live events and a status page, to mount in a
 //! router or serve on a listener of its own.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub, clippy::await_holding_lock, clippy::if_let_mutex)]
 
 pub mod admin;
 pub mod backend;
 mod body;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
 mod error;
 mod future;
 mod layer;
 pub mod lifecycle;
+mod oneshot;
 mod path;
 mod probe;
 mod proxy;
@@ -53,6 +57,7 @@ pub mod telemetry;
 pub mod waiting;
 
 #[cfg(feature = "emulator")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emulator")))]
 pub mod emulator;
 
 pub use body::ResponseBody;
@@ -71,9 +76,10 @@ struct ReadmeDoctests;
 /// The error type at the crate's edges.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The client's address, for `X-Forwarded-For`. Insert it as a request extension when serving
-/// with plain hyper; with axum, `into_make_service_with_connect_info::<SocketAddr>()` is read
-/// as well.
+/// The client's address, for `X-Forwarded-For`. [`server::Server`] inserts it; insert it as a
+/// request extension when serving with plain hyper. With the `axum` feature, axum's
+/// `ConnectInfo<SocketAddr>` (from `into_make_service_with_connect_info::<SocketAddr>()`) is
+/// read as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 

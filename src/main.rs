@@ -2,26 +2,62 @@
 //! with `[admin]` the admin API, metrics and status page on a listener of their own.
 //! `vmproxy emulate --listen ADDR` (feature `emulator`): a loopback Compute Engine.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use clap::Parser;
 use tracing::{error, info, warn};
 use vmproxy::config::Config;
 use vmproxy::State;
 
-const USAGE: &str = "\
-usage: vmproxy --config FILE.toml [--check]
-       vmproxy emulate --listen 127.0.0.1:8085 [OPTIONS]   (cargo feature `emulator`)
+/// Serves the routes of a config file, each by a machine started on first use, stopped when idle.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmproxy",
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true,
+    subcommand_negates_reqs = true,
+    after_help = "Logs go to stderr; RUST_LOG sets the filter (default: info).\n\
+                  Exit codes: 0 done, 1 machines left running, 2 a usage or config error."
+)]
+struct Cli {
+    /// Serve the routes of FILE (its keys: see the README)
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        env = "VMPROXY_CONFIG",
+        required = true
+    )]
+    config: Option<PathBuf>,
 
-  --config FILE   serve the routes of FILE (see the README for the keys)
-  --check         only check the file, then exit (0: good, 2: bad)
-  -h, --help      this text
-  -V, --version   the version
+    /// Only check the file, then exit (0: good, 2: bad)
+    #[arg(long)]
+    check: bool,
 
-Logs go to stderr; RUST_LOG sets the filter (default: info).";
+    /// Listen on ADDR (e.g. 0.0.0.0:8080) instead of the file's `listen`
+    #[arg(long, value_name = "ADDR", env = "VMPROXY_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A loopback Compute Engine for tests and demos (feature `emulator`; see its --help)
+    #[command(disable_help_flag = true)]
+    Emulate {
+        /// The emulator's own options, passed to it as they are
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+}
 
 /// The binary's allocator; the library leaves the choice to its user. Under load glibc's malloc
 /// contended on its arena lock (log lines are allocated on a worker thread and freed on the log
@@ -31,6 +67,8 @@ Logs go to stderr; RUST_LOG sets the filter (default: info).";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Usage errors exit 2, --help and --version 0 (clap's codes, and ours).
+    let cli = Cli::parse();
     // No transparent huge pages: mimalloc asks for them on its arenas, and a 2 MiB page made
     // resident for a few bytes raised the memory of a parked connection from ~20 KB to ~33 KB
     // (benches/e2e `parked-bin`). Nothing here gains from them.
@@ -45,7 +83,6 @@ fn main() -> ExitCode {
         .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -53,41 +90,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    runtime.block_on(run(cli))
 }
 
-async fn run(args: Vec<String>) -> ExitCode {
-    if args.first().map(String::as_str) == Some("emulate") {
-        return emulate(&args[1..]).await;
+async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::Emulate { args }) = &cli.command {
+        return emulate(args).await;
     }
-    let mut config = None;
-    let mut check = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "-V" | "--version" => {
-                println!("vmproxy {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--check" => check = true,
-            "--config" | "-c" => match it.next() {
-                Some(path) => config = Some(PathBuf::from(path)),
-                None => return usage_error("--config needs a file"),
-            },
-            other => match other.strip_prefix("--config=") {
-                Some(path) => config = Some(PathBuf::from(path)),
-                None => return usage_error(&format!("unknown argument {other:?}")),
-            },
-        }
-    }
-    let Some(path) = config else {
-        return usage_error("--config FILE is required");
+    let Some(path) = cli.config else {
+        // clap requires it unless a subcommand is given.
+        unreachable!("--config is required");
     };
-    let config = match Config::load(&path) {
+    let mut config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmproxy: {e}");
@@ -97,19 +111,18 @@ async fn run(args: Vec<String>) -> ExitCode {
     for w in config.warnings() {
         warn!("{}: {w}", path.display());
     }
-    if check {
+    if cli.check {
         println!("{}: ok ({} routes)", path.display(), config.routes.len());
         return ExitCode::SUCCESS;
     }
-    serve(config, &path).await
+    let listen_from_flag = cli.listen.is_some();
+    if let Some(addr) = cli.listen {
+        config.listen = addr;
+    }
+    serve(config, &path, listen_from_flag).await
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("vmproxy: {msg}\n\n{USAGE}");
-    ExitCode::from(2)
-}
-
-async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
+async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -> ExitCode {
     // Before the routes are built, so that their first gauges are recorded. Only the admin
     // listener exports metrics: without it, nothing is recorded.
     #[cfg(feature = "prometheus")]
@@ -124,10 +137,16 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
     let listener = match config.server().bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
+            let from = if listen_from_flag {
+                "--listen / VMPROXY_LISTEN".to_owned()
+            } else {
+                format!("{}: listen", path.display())
+            };
             eprintln!(
-                "vmproxy: {}: listen: cannot listen on {}: {e}",
-                path.display(),
-                config.listen
+                "vmproxy: {from}: cannot listen on {}: {e}\n\
+                 (choose another address with --listen ADDR, VMPROXY_LISTEN=ADDR, or `listen` in {})",
+                config.listen,
+                path.display()
             );
             return ExitCode::from(2);
         }
@@ -168,7 +187,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         }
     };
     for r in layer.routes() {
-        info!(machine = r.handle().name(), prefixes = ?r.prefixes(), "route");
+        info!(machine = %r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
     let app = access_logged(Router::new().fallback(not_found).layer(layer));
 
@@ -202,12 +221,12 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         if handle.in_use_elsewhere().await {
             // Another replica served through it after us: stopping it would cut them off.
             info!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 "in use by another replica; leaving it running"
             );
             continue;
         }
-        info!(machine = handle.name(), "stopping");
+        info!(machine = %handle.name(), "stopping");
         // Upgraded connections (WebSockets) may outlive the server: give them what is left of
         // the grace period, then stop regardless.
         if tokio::time::timeout_at(deadline, handle.stop())
@@ -215,7 +234,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
             .is_err()
         {
             warn!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 "still in use after the grace period; stopping it anyway"
             );
             handle.stop_now().await;
@@ -223,7 +242,7 @@ async fn serve(config: Config, path: &std::path::Path) -> ExitCode {
         // A failed stop leaves the machine running (and, for a VM, billing): say so loudly.
         if let State::Running(ep) = handle.state() {
             error!(
-                machine = handle.name(),
+                machine = %handle.name(),
                 endpoint = %ep,
                 "could not stop the machine; it is LEFT RUNNING: stop it by hand"
             );
@@ -288,7 +307,7 @@ where
                     target: "vmproxy::access",
                     status = res.status().as_u16(),
                     latency_ms = %Millis(latency),
-                    machine = served.map(|s| s.machine()),
+                    machine = served.map(|s| tracing::field::display(s.machine())),
                     waited_for_start = served.map(|s| s.waited_for_start()),
                     "served"
                 );

@@ -53,16 +53,19 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+#[cfg(feature = "http2")]
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+#[cfg(feature = "http2")]
 use hyper_util::server::conn::auto;
 use pin_project::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
-use tower::util::Oneshot;
 use tower_service::Service;
 use tracing::{debug, info, warn};
 
+use crate::oneshot::Oneshot;
 use crate::{BoxError, ClientAddr};
 
 /// The request body a service served by [`Server`] receives: the connection's body, failing
@@ -448,11 +451,14 @@ async fn accept_loop<S, B>(
     B::Error: Into<BoxError>,
 {
     let mut connections = tokio::task::JoinSet::new();
-    let mut auto = auto::Builder::new(TokioExecutor::new());
-    auto.http2().timer(TokioTimer::new());
     let protocols = Arc::new(Protocols {
         http1: hyper::server::conn::http1::Builder::new(),
-        auto,
+        #[cfg(feature = "http2")]
+        auto: {
+            let mut auto = auto::Builder::new(TokioExecutor::new());
+            auto.http2().timer(TokioTimer::new());
+            auto
+        },
     });
     let limits = &shared.limits;
     loop {
@@ -506,10 +512,12 @@ async fn accept_loop<S, B>(
 struct Protocols {
     http1: hyper::server::conn::http1::Builder,
     /// Either protocol, told apart by the first bytes.
+    #[cfg(feature = "http2")]
     auto: auto::Builder<TokioExecutor>,
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
+#[cfg(feature = "http2")]
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one connection until it ends, or shuts it down gracefully once told to drain.
@@ -530,30 +538,34 @@ async fn serve_connection<S, B>(
     B::Error: Into<BoxError>,
 {
     let peer = service.peer;
-    let served = if !conn.may_be_http2().await {
-        let serving = protocols
-            .http1
-            .serve_connection(TokioIo::new(conn), service)
-            .with_upgrades();
-        tokio::pin!(serving);
-        tokio::select! {
-            served = &mut serving => served.map_err(BoxError::from),
-            () = reached(&mut phase, Phase::Draining) => {
-                serving.as_mut().graceful_shutdown();
-                serving.await.map_err(BoxError::from)
-            }
-        }
-    } else {
+    #[cfg(feature = "http2")]
+    if conn.may_be_http2().await {
         let serving = protocols
             .auto
             .serve_connection_with_upgrades(TokioIo::new(conn), service);
         tokio::pin!(serving);
-        tokio::select! {
+        let served = tokio::select! {
             served = &mut serving => served,
             () = reached(&mut phase, Phase::Draining) => {
                 serving.as_mut().graceful_shutdown();
                 serving.await
             }
+        };
+        if let Err(e) = served {
+            debug!(%peer, error = %e, "connection ended with an error");
+        }
+        return;
+    }
+    let serving = protocols
+        .http1
+        .serve_connection(TokioIo::new(conn), service)
+        .with_upgrades();
+    tokio::pin!(serving);
+    let served = tokio::select! {
+        served = &mut serving => served,
+        () = reached(&mut phase, Phase::Draining) => {
+            serving.as_mut().graceful_shutdown();
+            serving.await
         }
     };
     if let Err(e) = served {
@@ -692,6 +704,7 @@ impl Connection {
     /// Whether the first bytes are (or begin) the HTTP/2 preface: read without consuming them,
     /// within the time the client has for its first request head. A client that sends
     /// nothing in time, or leaves, is HTTP/1's to answer (408) or close.
+    #[cfg(feature = "http2")]
     async fn may_be_http2(&self) -> bool {
         let mut first = [0u8; H2_PREFACE.len()];
         match tokio::time::timeout_at(self.timer.deadline(), self.io.peek(&mut first)).await {

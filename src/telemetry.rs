@@ -159,6 +159,14 @@ fn machine_or(fallback: &str) -> SharedString {
         .unwrap_or_else(|_| SharedString::from(fallback.to_owned()))
 }
 
+/// The machine's name for a backend's log lines: the route's (as in every other line), else
+/// the backend's own when it runs outside a route.
+pub(crate) fn machine_name(fallback: &str) -> Arc<str> {
+    MACHINE
+        .try_with(Arc::clone)
+        .unwrap_or_else(|_| Arc::from(fallback))
+}
+
 /// One call to a machine's platform.
 pub(crate) fn backend_call(fallback_machine: &str, call: &'static str, result: &'static str) {
     metrics::counter!(

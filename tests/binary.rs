@@ -91,7 +91,122 @@ fn an_unusable_listen_address_exits_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It names the address, the key it came from, and how to choose another.
+    for needed in [&addr.to_string(), ": listen:", "--listen", "VMPROXY_LISTEN"] {
+        assert!(stderr.contains(needed), "no {needed:?} in: {stderr}");
+    }
+    assert!(!stderr.contains("Os {"), "a debug dump: {stderr}");
+}
+
+/// `vmproxy ARGS` with `env`, neither variable inherited from the test's environment.
+fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("VMPROXY_CONFIG")
+        .env_remove("VMPROXY_LISTEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_usage_exits_2_with_a_message() {
+    let (code, _, stderr) = run_binary(&[], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--config"), "{stderr}");
+    let (code, _, stderr) = run_binary(&["--config", "x.toml", "--bogus"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--bogus") && stderr.contains("Usage"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_binary(&["--config", "x.toml", "--listen", "nowhere"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_binary(&["--config"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, stdout, _) = run_binary(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for option in [
+        "--config",
+        "--check",
+        "--listen",
+        "VMPROXY_CONFIG",
+        "emulate",
+    ] {
+        assert!(stdout.contains(option), "--help lacks {option}: {stdout}");
+    }
+    let (code, stdout, _) = run_binary(&["-V"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout.trim(),
+        format!("vmproxy {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn the_readmes_help_is_the_binarys() {
+    let readme = include_str!("../README.md");
+    let shown = readme
+        .split("```text\n$ vmproxy --help\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README shows `vmproxy --help`");
+    let (code, stdout, _) = run_binary(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(shown.trim_end(), stdout.trim_end());
+}
+
+#[test]
+fn the_config_file_can_come_from_vmproxy_config() {
+    let file = TempFile::new(GOOD);
+    let path = file.path().to_str().unwrap();
+    let (code, stdout, stderr) = run_binary(&["--check"], &[("VMPROXY_CONFIG", path)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(path) && stdout.contains("ok"), "{stdout}");
+    // The flag wins over the variable.
+    let (code, _, stderr) = run_binary(
+        &["--check", "--config", path],
+        &[("VMPROXY_CONFIG", "/nonexistent/vmproxy.toml")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run_binary(
+        &["--check"],
+        &[("VMPROXY_CONFIG", "/nonexistent/vmproxy.toml")],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmproxy.toml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn listen_overrides_the_files_address() {
+    // The file names a port that is taken: only the override lets the binary serve.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = GOOD.replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
+    for (args, env) in [
+        (&["--listen", "127.0.0.1:0"][..], &[][..]),
+        (&[][..], &[("VMPROXY_LISTEN", "127.0.0.1:0")][..]),
+    ] {
+        let proxy = Proxy::start_with_args(&config, args, env);
+        assert_ne!(proxy.addr, taken.local_addr().unwrap());
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    }
 }
 
 /// The binary serving `config`, its backend command writing its pid to a file of its own.
@@ -166,6 +281,48 @@ async fn wait_gone(pid: i32) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+#[tokio::test]
+async fn every_log_line_names_the_machine_by_its_route_and_pids_are_numbers() {
+    // The command is `sh`; the route names the machine "files".
+    let config = GOOD.replace("path = \"/app\"", "path = \"/app\"\nname = \"files\"");
+    let pidfile =
+        std::env::temp_dir().join(format!("vmproxy-test-{}-names.pid", std::process::id()));
+    let mut proxy = Proxy::start(
+        &config,
+        &[
+            ("PIDFILE", pidfile.to_str().unwrap()),
+            ("RUST_LOG", "info,vmproxy=debug"),
+        ],
+    );
+    let (status, _, body) = common::get_text(proxy.addr, "/app/").await;
+    assert_eq!(status, 200, "{body}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pidfile);
+    let _guard = KillOnDrop(pid);
+    assert_eq!(proxy.signal_and_wait(Signal::SIGTERM).await, Some(0));
+    let log = proxy.log();
+    let started = log
+        .lines()
+        .find(|l| l.contains("process started"))
+        .unwrap_or_else(|| panic!("no start line:\n{log}"));
+    assert!(started.contains(&format!("pid={pid} ")), "{started}");
+    assert!(
+        log.lines().any(|l| l.contains("SIGTERM")),
+        "the stop is logged:\n{log}"
+    );
+    let mut named = 0;
+    for line in log.lines().filter(|l| l.contains("machine=")) {
+        assert!(line.contains("machine=files"), "{line}");
+        named += 1;
+    }
+    assert!(named >= 4, "start, ready, stop lines:\n{log}");
+    assert!(!log.contains("Some("), "an Option printed as such:\n{log}");
 }
 
 #[tokio::test]

@@ -177,7 +177,7 @@ async fn the_binary_logs_each_request_with_its_id_machine_and_wait() {
         "method=GET",
         "path=/app/",
         "status=200",
-        "machine=\"files\"",
+        "machine=files ",
         "waited_for_start=true",
         "latency_ms=",
     ] {

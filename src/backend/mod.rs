@@ -47,6 +47,7 @@ use crate::BoxError;
 pub mod process;
 
 #[cfg(feature = "gce")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gce")))]
 pub mod gce;
 
 /// The future a [`Backend`] method returns.

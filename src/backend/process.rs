@@ -314,7 +314,7 @@ impl Backend for ProcessBackend {
                 if spawned.is_ok() { "ok" } else { "error" },
             );
             let running = spawned.map_err(|e| format!("could not run {:?}: {e}", self.program))?;
-            info!(machine = %self.name, pid = %running.pid, endpoint = %running.endpoint, "process started");
+            info!(machine = %telemetry::machine_name(&self.name), pid = running.pid.as_raw(), endpoint = %running.endpoint, "process started");
             let ep = running.endpoint;
             *slot = Some(running);
             Ok(ep)
@@ -329,15 +329,16 @@ impl Backend for ProcessBackend {
             if !running.running() {
                 return Ok(());
             }
-            debug!(machine = %self.name, "SIGTERM");
+            let machine = telemetry::machine_name(&self.name);
+            debug!(%machine, "SIGTERM");
             let sent = killpg(running.pid, Signal::SIGTERM);
             telemetry::backend_call(&self.name, "terminate", result(&sent));
             // On Linux this waits for the supervisor, which exits once the command has exited
             // and it has killed whatever the command left.
             match tokio::time::timeout(self.stop_grace, running.child.wait()).await {
-                Ok(status) => debug!(machine = %self.name, ?status, "exited"),
+                Ok(status) => debug!(%machine, ?status, "exited"),
                 Err(_) => {
-                    warn!(machine = %self.name, grace = ?self.stop_grace, "still running after SIGTERM; SIGKILL");
+                    warn!(%machine, grace = ?self.stop_grace, "still running after SIGTERM; SIGKILL");
                     let sent = killpg(running.pid, Signal::SIGKILL);
                     telemetry::backend_call(&self.name, "kill", result(&sent));
                     let _ = running.child.wait().await;

@@ -367,12 +367,15 @@ pub(crate) fn error_response(e: &Error) -> Response<ProxiedBody> {
     e.to_response(ProxiedBody::full)
 }
 
-/// The client's address, from our own extension or axum's `ConnectInfo`.
+/// The client's address, from our own extension or (feature `axum`) axum's `ConnectInfo`.
 fn client_addr(ext: &http::Extensions) -> Option<SocketAddr> {
-    ext.get::<ClientAddr>().map(|c| c.0).or_else(|| {
+    let ours = ext.get::<ClientAddr>().map(|c| c.0);
+    #[cfg(feature = "axum")]
+    let ours = ours.or_else(|| {
         ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
             .map(|c| c.0)
-    })
+    });
+    ours
 }
 
 /// The waiting page for `req`, which found the route's machine not running.

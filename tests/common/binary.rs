@@ -44,6 +44,8 @@ pub fn check(config: &str) -> (i32, String) {
         .arg("--config")
         .arg(file.path())
         .arg("--check")
+        .env_remove("VMPROXY_CONFIG")
+        .env_remove("VMPROXY_LISTEN")
         .output()
         .unwrap();
     (
@@ -68,6 +70,16 @@ impl Proxy {
 
     /// As [`start`](Self::start), with the open-file limit (soft and hard) set to `nofile`.
     pub fn start_with_open_files(config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
+        Self::launch(config, &[], env, nofile)
+    }
+
+    /// As [`start`](Self::start), with `args` after `--config FILE`.
+    #[allow(dead_code)]
+    pub fn start_with_args(config: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        Self::launch(config, args, env, None)
+    }
+
+    fn launch(config: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
         let config = TempFile::new(config);
         let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let mut cmd = Command::new(BIN);
@@ -84,6 +96,10 @@ impl Proxy {
         }
         cmd.arg("--config")
             .arg(config.path())
+            .args(args)
+            // The test's environment must not choose for the binary.
+            .env_remove("VMPROXY_CONFIG")
+            .env_remove("VMPROXY_LISTEN")
             .env("RUST_LOG", log_filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
