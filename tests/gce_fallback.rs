@@ -436,3 +436,63 @@ async fn a_start_whose_operation_never_ends_is_abandoned_and_the_next_request_st
     assert!(served, "never served after the abandoned start");
     let _ = GceBackend::builder(A, "x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_whose_start_is_refused_is_recreated_in_the_next_zone() {
+    let emu = emulator().await;
+    emu.add_instance(A, "sleepy", "TERMINATED", PORT).unwrap();
+    emu.set_stockout(A, true, false);
+    let backend = zoned(&emu, &[A, B], "sleepy")
+        .stop_policy(vmproxy::backend::gce::StopPolicy::Stop)
+        .build()
+        .unwrap();
+    let (status, body) = call(&app(route(backend)), "/vm/x").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(emu.count("instances.start"), 1);
+    assert!(
+        emu.instance(A, "sleepy").is_none(),
+        "the refused VM stays in {A}"
+    );
+    assert_eq!(emu.instance(B, "sleepy").unwrap().status, "RUNNING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nothing_else_to_try_a_refused_start_keeps_the_stopped_vm() {
+    let emu = emulator().await;
+    let seeded = emu.add_instance(ZONE, "keep", "TERMINATED", PORT).unwrap();
+    emu.set_stockout(ZONE, true, false);
+    // stop_policy = stop: the failed start's cleanup stops, and so keeps, the VM.
+    let b = backend(&emu, "keep")
+        .stop_policy(vmproxy::backend::gce::StopPolicy::Stop)
+        .build()
+        .unwrap();
+    let (status, body) = call(&app(route(b)), "/vm/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("ZONE_RESOURCE_POOL_EXHAUSTED"), "{body}");
+    let vm = emu.instance(ZONE, "keep").unwrap();
+    assert_eq!((vm.id, vm.status.as_str()), (seeded.id, "TERMINATED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fallback_step_is_counted() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
+    let emu = emulator().await;
+    emu.set_stockout(A, true, false);
+    emu.set_stockout(B, true, false);
+    let backend = zoned(&emu, &[A, B, C], "counted").build().unwrap();
+    let (status, body) = call(&app(route(backend)), "/vm/x").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = handle.render();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("vmproxy_backend_calls_total{")
+                && l.contains("call=\"fallback\"")
+                && l.contains("result=\"capacity\"")
+        })
+        .unwrap_or_else(|| panic!("no fallback sample in\n{text}"));
+    assert!(line.ends_with(" 2"), "{line}");
+}

@@ -763,13 +763,21 @@ impl GceBackend {
     /// Deletes what a refused attempt left in `zone` (a 404 means nothing was left).
     async fn clean_up(&self, zone: &str) {
         let deadline = Instant::now() + self.stop_timeout;
-        match self.run_op(zone, "instances.delete", deadline).await {
-            Ok(()) => {
-                info!(instance = %self.spec.name, zone, "deleted what the refused attempt left")
-            }
-            Err(e) if e.kind() == GceErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(instance = %self.spec.name, zone, error = %e, "could not delete what the refused attempt left")
+        loop {
+            match self.run_op(zone, "instances.delete", deadline).await {
+                Ok(()) => {
+                    info!(instance = %self.spec.name, zone, "deleted what the refused attempt left");
+                    return;
+                }
+                Err(e) if e.kind() == GceErrorKind::NotFound => return,
+                // Still settling after the refused operation: try again shortly.
+                Err(e) if e.kind() == GceErrorKind::NotReady && Instant::now() < deadline => {
+                    self.pause().await
+                }
+                Err(e) => {
+                    warn!(instance = %self.spec.name, zone, error = %e, "could not delete what the refused attempt left");
+                    return;
+                }
             }
         }
     }
