@@ -1,8 +1,8 @@
 //! A loopback Compute Engine and metadata server, for tests and demos (feature `emulator`).
 //!
 //! [`Emulator::start`] serves the Compute v1 subset vmproxy uses at `/compute/v1/` (instances
-//! list, insert, get, delete, start, stop, suspend, resume, setLabels; zoneOperations list, get
-//! and wait) and the metadata server's token, service-account and project-id endpoints at
+//! list and aggregatedList with `filter`, `maxResults` and `pageToken`, insert, get, delete,
+//! start, stop, suspend, resume, setLabels; zoneOperations list, get and wait) and the metadata server's token, service-account and project-id endpoints at
 //! `/computeMetadata/v1/`, on one loopback port. It speaks the real wire format: operations, error bodies (`alreadyExists`,
 //! `notFound`, `resourceNotReady`, `conditionNotMet`, `rateLimitExceeded`, `invalid`),
 //! fingerprints, `requestId` idempotency. Tokens are issued only with `Metadata-Flavor: Google`,
@@ -17,7 +17,11 @@
 //!
 //! Faults can be injected ([`Emulator::fail_next`], [`Emulator::fail_next_operation`],
 //! [`Emulator::set_wait_returns_early`], [`Emulator::preempt`],
-//! [`Emulator::set_never_healthy`]) and the calls received inspected ([`Emulator::calls`]).
+//! [`Emulator::set_never_healthy`], [`Emulator::set_stockout`],
+//! [`Emulator::set_spot_stockout`], [`Emulator::hang_next_operation`],
+//! [`Emulator::delay_next`]) and the calls received inspected ([`Emulator::calls`]). A request
+//! without `Authorization` gets Google's 401 (`required`, `CREDENTIALS_MISSING`); the instances
+//! can be looked at without a token at `GET /emulator/instances`.
 //! Dropping the [`Emulator`] stops its server and every instance's server.
 //!
 //! From the command line: `vmproxy emulate --listen 127.0.0.1:8085` (see [`run_cli`]).

@@ -5,15 +5,26 @@
 //!
 //! | instance | `start()` |
 //! |---|---|
-//! | not found | `instances.insert` with a `requestId`; a 409 `alreadyExists` means another proxy replica is creating it: adopt it |
+//! | not found | `instances.insert` with a `requestId` and the activity label; a 409 `alreadyExists` means it exists (another replica created it): adopt it |
 //! | `PROVISIONING`, `STAGING`, `STOPPING`, `SUSPENDING` | wait, then look again |
 //! | `TERMINATED` / `STOPPED` | `instances.start` |
 //! | `SUSPENDED` | `instances.resume` |
 //! | `RUNNING` | its address: the external NAT IP or the internal IP ([`Address`]) |
 //!
-//! Operations are awaited with `zoneOperations.wait` in a loop; a DONE operation with an
-//! `error` becomes a [`GceError`] (no capacity, quota, …) that the layer answers with 503 and
-//! the reason. 429, 5xx and 403 `rateLimitExceeded` are retried with exponential back-off and
+//! A start inserts first (no VM is the common case: 3 calls, insert, wait and get), and looks
+//! first once it has seen the VM exist. With several [`zones`](GceBackendBuilder::zones), one
+//! `instances.aggregatedList` finds the VM in any of them. A capacity error
+//! (`ZONE_RESOURCE_POOL_EXHAUSTED…`) on insert, start or resume deletes what the attempt left
+//! and tries the next zone, then [machine type](GceBackendBuilder::machine_types), then
+//! standard provisioning ([`spot_fallback`](GceBackendBuilder::spot_fallback)); the option that
+//! served is tried first next time. Replicas that insert in two zones at once keep the older VM
+//! (creation time, then zone name): each lists again after its insert and deletes its own if it
+//! is not that one.
+//!
+//! Operations are awaited with `zoneOperations.wait` in a loop, bounded (a stop by
+//! [`stop_timeout`](GceBackendBuilder::stop_timeout), a start by the route's `start_timeout`);
+//! a DONE operation with an `error` becomes a [`GceError`] (no capacity, quota, …) that the
+//! layer answers with 503 and the reason. 429, 5xx and 403 `rateLimitExceeded` are retried with exponential back-off and
 //! jitter; quota and invalid-request errors fail at once. The idle stop follows the
 //! [`StopPolicy`] (delete, as the original did, by default).
 //!
