@@ -21,10 +21,14 @@
 //! Backend calls: the `gce` backend records each Compute Engine REST request (every attempt,
 //! retries included) by its discovery name — `instances.get`, `instances.insert`,
 //! `instances.start`, `instances.stop`, `instances.delete`, `instances.resume`,
-//! `instances.suspend`, `instances.setLabels`, `zoneOperations.wait` — with `result` `ok` for a
-//! 2xx answer, the status class (`4xx`, `5xx`) for another answer, and `error` when there was no
-//! answer (a transport error, no access token). A 404 from `instances.get` is how a machine that
-//! does not exist yet is found, so `4xx` is not always a fault. The `process` backend records
+//! `instances.suspend`, `instances.setLabels`, `instances.aggregatedList`,
+//! `zoneOperations.wait` — with `result` `ok` for a 2xx answer, the status class (`4xx`, `5xx`)
+//! for another answer, and `error` when there was no answer (a transport error, no access
+//! token). A 409 from `instances.insert` is how a machine that exists already is found, so
+//! `4xx` is not always a fault. Each fallback step is one `call="fallback"` with `result`
+//! `capacity` (a zone, machine type or provisioning model refused for lack of capacity) or
+//! `duplicate` (a VM deleted because another replica created the name in another zone
+//! first). The `process` backend records
 //! `spawn`, `terminate` (SIGTERM) and `kill` (SIGKILL after the grace period), with `ok` or
 //! `error`.
 //!

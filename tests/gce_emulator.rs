@@ -423,14 +423,258 @@ async fn bad_tokens_get_googles_401_body() {
         json!({"message": "Invalid Credentials", "domain": "global", "reason": "authError",
                "location": "Authorization", "locationType": "header"})
     );
-    // No Authorization header at all: the same.
+    // No Authorization header at all: 401 too, but `required` / CREDENTIALS_MISSING, as
+    // Google answers it.
     let res = c
         .http
-        .get(format!("{}instances/x", c.base))
+        .get(format!("{}instances", c.base))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 401);
+    assert!(res.headers().contains_key("www-authenticate"));
+    let v: Value = res.json().await.unwrap();
+    let e = &v["error"];
+    assert_eq!(e["status"], "UNAUTHENTICATED");
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Request is missing required authentication credential."));
+    assert_eq!(
+        e["errors"][0],
+        json!({"message": "Login Required.", "domain": "global", "reason": "required",
+               "location": "Authorization", "locationType": "header"})
+    );
+    assert_eq!(
+        e["details"][0]["@type"],
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
+    assert_eq!(e["details"][0]["reason"], "CREDENTIALS_MISSING");
+    assert_eq!(
+        e["details"][0]["metadata"]["method"],
+        "compute.v1.InstancesService.List"
+    );
+}
+
+#[tokio::test]
+async fn instances_can_be_looked_at_without_a_token_apart_from_the_api() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "seen", "RUNNING", PORT).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let v: Value = http
+        .get(format!("{}/emulator/instances", emu.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let list = v["instances"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["name"], "seen");
+    assert_eq!(list[0]["zone"], ZONE);
+    assert_eq!(list[0]["status"], "RUNNING");
+    // Read-only: anything else there is the API's 404, and the API still wants a token.
+    let res = http
+        .delete(format!("{}/emulator/instances", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(emu.instances().len(), 1);
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| i["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_like_compute_engine() {
+    let emu = emulator().await;
+    for (n, status) in [
+        ("web-1", "RUNNING"),
+        ("web-2", "TERMINATED"),
+        ("db-1", "RUNNING"),
+    ] {
+        emu.add_instance(ZONE, n, status, PORT).unwrap();
+    }
+    let c = Client::new(&emu).await;
+    let q = |f: &str| {
+        format!(
+            "instances?filter={}",
+            f.replace(' ', "%20")
+                .replace('"', "%22")
+                .replace('=', "%3D")
+        )
+    };
+    let (s, v) = c.get(&q("name = \"web-2\"")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(names(&v), ["web-2"]);
+    let (_, v) = c
+        .get(&q("status = RUNNING AND labels.managed-by = vmproxy"))
+        .await;
+    assert_eq!(names(&v), ["db-1", "web-1"]);
+    let (_, v) = c.get(&q("(name eq web-.*) (status ne RUNNING)")).await;
+    assert_eq!(names(&v), ["web-2"]);
+    let (s, v) = c.get(&q("(name eq web-.*) (status = RUNNING)")).await;
+    assert_eq!((s, reason(&v)), (400, "invalid"), "mixed forms: {v}");
+    // Paging: two, then one, then no token.
+    let (_, p1) = c.get("instances?maxResults=2").await;
+    assert_eq!(names(&p1), ["db-1", "web-1"]);
+    let token = p1["nextPageToken"].as_str().unwrap();
+    let (_, p2) = c
+        .get(&format!("instances?maxResults=2&pageToken={token}"))
+        .await;
+    assert_eq!(names(&p2), ["web-2"]);
+    assert!(p2.get("nextPageToken").is_none(), "{p2}");
+    let (s, v) = c.get("instances?pageToken=bogus").await;
+    assert_eq!((s, reason(&v)), (400, "invalid"));
+}
+
+#[tokio::test]
+async fn aggregated_list_is_keyed_by_zone_with_warnings_for_empty_ones() {
+    let emu = emulator().await;
+    emu.add_instance(ZONE, "here", "RUNNING", PORT).unwrap();
+    emu.add_instance("europe-west1-b", "there", "TERMINATED", PORT)
+        .unwrap();
+    emu.add_instance("europe-west1-b", "here", "TERMINATED", PORT)
+        .unwrap();
+    let c = Client::new(&emu).await;
+    // A zone with nothing in it, seen by a call.
+    let _ = c
+        .http
+        .get(c.base.replace(ZONE, "asia-east1-a") + "instances")
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}projects/{}/aggregated/instances?filter=name%20%3D%20%22here%22",
+        emu.compute_base(),
+        emu.project()
+    );
+    let v: Value = c
+        .http
+        .get(&url)
+        .bearer_auth(&c.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["kind"], "compute#instanceAggregatedList", "{v}");
+    let items = v["items"].as_object().unwrap();
+    assert_eq!(
+        items[&format!("zones/{ZONE}")]["instances"][0]["name"],
+        "here"
+    );
+    assert_eq!(
+        items["zones/europe-west1-b"]["instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        items["zones/asia-east1-a"]["warning"]["code"],
+        "NO_RESULTS_ON_PAGE"
+    );
+    assert!(items["zones/asia-east1-a"].get("instances").is_none());
+    // Without a token: Google's 401.
+    let res = c.http.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+}
+
+#[tokio::test]
+async fn gpus_need_terminate_and_flex_start_needs_a_run_duration() {
+    let emu = emulator().await;
+    let c = Client::new(&emu).await;
+    let gpu = |scheduling: Value| {
+        let mut b = minimal("gpu");
+        b["machineType"] = json!(format!("zones/{ZONE}/machineTypes/g2-standard-8"));
+        b["guestAccelerators"] = json!([{"acceleratorType": format!("zones/{ZONE}/acceleratorTypes/nvidia-l4"), "acceleratorCount": 1}]);
+        b["scheduling"] = scheduling;
+        b
+    };
+    for (what, body) in [
+        (
+            "GPU with MIGRATE",
+            gpu(json!({"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE"})),
+        ),
+        (
+            "GPU standard, maintenance left to the default (MIGRATE)",
+            gpu(json!({"provisioningModel": "STANDARD"})),
+        ),
+        (
+            "flex-start without maxRunDuration",
+            gpu(json!({"provisioningModel": "FLEX_START", "instanceTerminationAction": "DELETE"})),
+        ),
+        (
+            "flex-start with STOP",
+            gpu(
+                json!({"provisioningModel": "FLEX_START", "instanceTerminationAction": "STOP", "maxRunDuration": {"seconds": "3600"}}),
+            ),
+        ),
+        (
+            "maxRunDuration as a bare number",
+            gpu(
+                json!({"provisioningModel": "SPOT", "instanceTerminationAction": "DELETE", "maxRunDuration": 3600}),
+            ),
+        ),
+        ("accelerator of another zone", {
+            let mut b = gpu(json!({"provisioningModel": "SPOT"}));
+            b["guestAccelerators"][0]["acceleratorType"] =
+                json!("zones/us-east1-b/acceleratorTypes/nvidia-l4");
+            b
+        }),
+    ] {
+        let (s, v) = c.post("instances", Some(body)).await;
+        assert_eq!((s, reason(&v)), (400, "invalid"), "{what}: {v}");
+    }
+    let ok = gpu(
+        json!({"provisioningModel": "FLEX_START", "instanceTerminationAction": "DELETE",
+        "onHostMaintenance": "TERMINATE", "automaticRestart": false,
+        "maxRunDuration": {"seconds": "14400", "nanos": 0}}),
+    );
+    let (s, v) = c.post("instances", Some(ok)).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn a_preempted_spot_vm_goes_through_a_soft_off_period() {
+    let emu =
+        Emulator::start(EmulatorOptions::fast().preemption_soft_off(Duration::from_millis(400)))
+            .await
+            .unwrap();
+    emu.add_instance(ZONE, "spot", "RUNNING", PORT).unwrap();
+    assert!(emu.preempt(ZONE, "spot"));
+    assert_eq!(emu.instance(ZONE, "spot").unwrap().status, "STOPPING");
+    let c = Client::new(&emu).await;
+    let (_, ops) = c.get("operations").await;
+    let op = ops["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["operationType"] == "compute.instances.preempted")
+        .cloned()
+        .unwrap();
+    assert_eq!(op["status"], "RUNNING", "{op}");
+    eventually("TERMINATED after the soft-off", || {
+        emu.instance(ZONE, "spot").unwrap().status == "TERMINATED"
+    })
+    .await;
+    let (_, op) = c
+        .get(&format!("operations/{}", op["name"].as_str().unwrap()))
+        .await;
+    assert_eq!(op["status"], "DONE");
 }
 
 #[tokio::test]

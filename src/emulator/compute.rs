@@ -86,6 +86,61 @@ fn unauthenticated() -> Response {
     res
 }
 
+/// What Google answers a request without an `Authorization` header: 401, reason `required`,
+/// and an `ErrorInfo` detail `CREDENTIALS_MISSING`.
+fn credentials_missing(method: &str) -> Response {
+    let code = StatusCode::UNAUTHORIZED;
+    let rpc = match method {
+        "instances.list" => "List",
+        "instances.aggregatedList" => "AggregatedList",
+        "instances.get" => "Get",
+        "instances.insert" => "Insert",
+        "instances.delete" => "Delete",
+        "instances.start" => "Start",
+        "instances.stop" => "Stop",
+        "instances.suspend" => "Suspend",
+        "instances.resume" => "Resume",
+        "instances.setLabels" => "SetLabels",
+        "zoneOperations.wait" => "Wait",
+        "zoneOperations.get" => "Get",
+        _ => "List",
+    };
+    let service = if method.starts_with("zoneOperations") {
+        "ZoneOperationsService"
+    } else {
+        "InstancesService"
+    };
+    let mut res = json_response(
+        code,
+        json!({ "error": {
+            "code": 401,
+            "message": "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            "errors": [{
+                "message": "Login Required.",
+                "domain": "global",
+                "reason": "required",
+                "location": "Authorization",
+                "locationType": "header",
+            }],
+            "status": "UNAUTHENTICATED",
+            "details": [{
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "CREDENTIALS_MISSING",
+                "domain": "googleapis.com",
+                "metadata": {
+                    "method": format!("compute.v1.{service}.{rpc}"),
+                    "service": "compute.googleapis.com",
+                },
+            }],
+        }}),
+    );
+    res.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"https://accounts.google.com/\""),
+    );
+    res
+}
+
 /// 412 for a stale or missing label fingerprint, as Compute Engine words it.
 fn fingerprint_mismatch() -> Response {
     let message = "Labels fingerprint either invalid or resource labels have changed";
@@ -106,6 +161,9 @@ enum Route {
     List {
         project: String,
         zone: String,
+    },
+    Aggregated {
+        project: String,
     },
     OpList {
         project: String,
@@ -140,6 +198,12 @@ fn route(method: &Method, path: &str) -> Option<(&'static str, Route)> {
             Route::List {
                 project: (*p).to_owned(),
                 zone: (*z).to_owned(),
+            },
+        ),
+        ("GET", ["projects", p, "aggregated", "instances"]) => (
+            "instances.aggregatedList",
+            Route::Aggregated {
+                project: (*p).to_owned(),
             },
         ),
         ("GET", ["projects", p, "zones", z, "operations"]) => (
@@ -251,6 +315,10 @@ pub(crate) async fn handle(
         return res;
     }
     let res = handle_route(&world, name, route, &uri, &headers, &body).await;
+    let delay = world.lock().take_delay(name);
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
     log(&world, name, &method, &uri, res.status().as_u16());
     res
 }
@@ -279,6 +347,9 @@ async fn handle_route(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    if !headers.contains_key(http::header::AUTHORIZATION) {
+        return credentials_missing(name);
+    }
     {
         let mut st = world.lock();
         if !token.is_some_and(|t| st.tokens.contains(t)) {
@@ -313,20 +384,80 @@ async fn handle_route(
             return json_response(StatusCode::OK, op.to_json());
         }
     }
+    match &route {
+        Route::List { zone, .. } | Route::Insert { zone, .. } | Route::OpList { zone, .. } => {
+            world.lock().zones.insert(zone.clone());
+        }
+        Route::Get(k) | Route::Delete(k) | Route::Action(k, _) => {
+            world.lock().zones.insert(k.1.clone());
+        }
+        _ => {}
+    }
     match route {
         Route::Insert { project, zone } => insert(world, project, zone, request_id, body),
         Route::List { project, zone } => {
+            let page = match super::list::Page::from_query(uri) {
+                Ok(p) => p,
+                Err(m) => return api_error(400, "invalid", m),
+            };
             let st = world.lock();
-            let mut items: Vec<&super::state::Inst> = st
+            let mut items: Vec<Value> = st
                 .instances
                 .values()
                 .filter(|i| i.key.0 == project && i.key.1 == zone)
+                .map(|i| i.to_json())
                 .collect();
-            items.sort_by(|a, b| a.key.2.cmp(&b.key.2));
-            let items: Vec<Value> = items.iter().map(|i| i.to_json()).collect();
+            drop(st);
+            items.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            let (items, next) = match page.apply(items) {
+                Ok(v) => v,
+                Err(m) => return api_error(400, "invalid", m),
+            };
+            let mut v = list_json("compute#instanceList", &project, &zone, "instances", items);
+            if let Some(t) = next {
+                v["nextPageToken"] = json!(t);
+            }
+            json_response(StatusCode::OK, v)
+        }
+        Route::Aggregated { project } => {
+            let page = match super::list::Page::from_query(uri) {
+                Ok(p) => p,
+                Err(m) => return api_error(400, "invalid", m),
+            };
+            let st = world.lock();
+            let mut items: Vec<Value> = st
+                .instances
+                .values()
+                .filter(|i| i.key.0 == project)
+                .map(|i| i.to_json())
+                .collect();
+            let mut zones: Vec<String> = st.zones.iter().cloned().collect();
+            drop(st);
+            // By zone, then name: the order Google's aggregated pages come in.
+            items.sort_by(|a, b| {
+                (a["zone"].as_str(), a["name"].as_str())
+                    .cmp(&(b["zone"].as_str(), b["name"].as_str()))
+            });
+            let (items, next) = match page.apply(items) {
+                Ok(v) => v,
+                Err(m) => return api_error(400, "invalid", m),
+            };
+            for i in &items {
+                let z = i["zone"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                if !zones.contains(&z) {
+                    zones.push(z);
+                }
+            }
+            zones.sort();
             json_response(
                 StatusCode::OK,
-                list_json("compute#instanceList", &project, &zone, "instances", items),
+                aggregated_json(&project, &zones, items, next),
             )
         }
         Route::OpList { project, zone } => {
@@ -383,6 +514,48 @@ fn list_json(kind: &str, project: &str, zone: &str, what: &str, items: Vec<Value
     });
     if !items.is_empty() {
         v["items"] = Value::Array(items);
+    }
+    v
+}
+
+/// `InstanceAggregatedList`: `items` keyed `zones/ZONE`, each with `instances` or, for a zone
+/// with none, a `NO_RESULTS_ON_PAGE` warning.
+fn aggregated_json(
+    project: &str,
+    zones: &[String],
+    items: Vec<Value>,
+    next: Option<String>,
+) -> Value {
+    let mut map = Map::new();
+    for zone in zones {
+        let here: Vec<Value> = items
+            .iter()
+            .filter(|i| {
+                i["zone"]
+                    .as_str()
+                    .is_some_and(|z| z.rsplit('/').next() == Some(zone.as_str()))
+            })
+            .cloned()
+            .collect();
+        let scoped = if here.is_empty() {
+            json!({ "warning": {
+                "code": "NO_RESULTS_ON_PAGE",
+                "message": "There are no results for scope 'zones/".to_owned() + zone + "' on this page.",
+                "data": [{ "key": "scope", "value": format!("zones/{zone}") }],
+            }})
+        } else {
+            json!({ "instances": here })
+        };
+        map.insert(format!("zones/{zone}"), scoped);
+    }
+    let mut v = json!({
+        "kind": "compute#instanceAggregatedList",
+        "id": format!("projects/{project}/aggregated/instances"),
+        "items": Value::Object(map),
+        "selfLink": format!("{}projects/{project}/aggregated/instances", super::state::LINK_BASE),
+    });
+    if let Some(t) = next {
+        v["nextPageToken"] = json!(t);
     }
     v
 }
@@ -540,7 +713,18 @@ const SCHEDULING_FIELDS: &[&str] = &[
     "nodeAffinities",
     "instanceTerminationAction",
     "minNodeCpus",
+    "availabilityDomain",
+    "gracefulShutdown",
+    "hostErrorTimeoutSeconds",
+    "localSsdRecoveryTimeout",
+    "maxRunDuration",
+    "onInstanceStopAction",
+    "preemptionNoticeDuration",
+    "skipGuestOsShutdown",
+    "terminationTime",
 ];
+const DURATION_FIELDS: &[&str] = &["seconds", "nanos"];
+const ACCELERATOR_FIELDS: &[&str] = &["acceleratorType", "acceleratorCount"];
 const METADATA_FIELDS: &[&str] = &["kind", "items", "fingerprint"];
 const TAGS_FIELDS: &[&str] = &["items", "fingerprint"];
 const SA_FIELDS: &[&str] = &["email", "scopes"];
@@ -559,6 +743,40 @@ fn check_fields(v: &Value, allowed: &[&str], at: &str) -> Result<(), String> {
                 "Invalid JSON payload received. Unknown name \"{k}\" at '{at}': Cannot find field."
             ));
         }
+    }
+    Ok(())
+}
+
+/// A `Duration` object: `{"seconds": "<int64>", "nanos": <int32>}` (int64 as a string, or a
+/// number, which Google's JSON parser also takes).
+fn check_duration(v: &Value, at: &str) -> Result<(), String> {
+    check_fields(v, DURATION_FIELDS, at)?;
+    let seconds = match &v["seconds"] {
+        Value::String(s) => s.parse::<i64>().ok(),
+        Value::Number(n) => n.as_i64(),
+        Value::Null => Some(0),
+        _ => None,
+    };
+    let Some(seconds) = seconds.filter(|s| (0..=315_576_000_000).contains(s)) else {
+        return Err(format!(
+            "Invalid value for field '{at}.seconds': {}",
+            v["seconds"]
+        ));
+    };
+    let nanos = match &v["nanos"] {
+        Value::Null => Some(0),
+        n => n.as_i64(),
+    };
+    if !nanos.is_some_and(|n| (0..=999_999_999).contains(&n)) {
+        return Err(format!(
+            "Invalid value for field '{at}.nanos': {}",
+            v["nanos"]
+        ));
+    }
+    if seconds == 0 && nanos == Some(0) {
+        return Err(format!(
+            "Invalid value for field '{at}': the duration must be positive."
+        ));
     }
     Ok(())
 }
@@ -724,7 +942,10 @@ fn validate_insert(
     let s = &body["scheduling"];
     check_fields(s, SCHEDULING_FIELDS, "resource.scheduling")?;
     let model = s["provisioningModel"].as_str();
-    if !matches!(model, None | Some("SPOT") | Some("STANDARD")) {
+    if !matches!(
+        model,
+        None | Some("SPOT") | Some("STANDARD") | Some("FLEX_START")
+    ) {
         return Err(format!(
             "Invalid value for field 'resource.scheduling.provisioningModel': {}",
             s["provisioningModel"]
@@ -758,6 +979,68 @@ fn validate_insert(
             "Invalid value for field 'resource.scheduling.instanceTerminationAction': {}",
             s["instanceTerminationAction"]
         ));
+    }
+    let flex = model == Some("FLEX_START");
+    if !s["maxRunDuration"].is_null() {
+        check_duration(&s["maxRunDuration"], "resource.scheduling.maxRunDuration")?;
+        if action.is_none() {
+            return Err("Invalid value for field 'resource.scheduling.instanceTerminationAction': ''. instanceTerminationAction must be set when maxRunDuration is set.".into());
+        }
+    }
+    if flex {
+        if s["maxRunDuration"].is_null() {
+            return Err("Invalid value for field 'resource.scheduling.maxRunDuration': ''. FLEX_START instances need a max run duration.".into());
+        }
+        if action != Some("DELETE") {
+            return Err("Invalid value for field 'resource.scheduling.instanceTerminationAction': FLEX_START instances must use DELETE.".into());
+        }
+        if s["automaticRestart"].as_bool() == Some(true) {
+            return Err("Invalid value for field 'resource.scheduling.automaticRestart': 'true'. FLEX_START instances cannot be automatically restarted.".into());
+        }
+    }
+    let gpus = match &body["guestAccelerators"] {
+        Value::Null => 0,
+        Value::Array(list) => {
+            for (i, g) in list.iter().enumerate() {
+                let at = format!("resource.guestAccelerators[{i}]");
+                check_fields(g, ACCELERATOR_FIELDS, &at)?;
+                let t = g["acceleratorType"].as_str().unwrap_or("");
+                let in_zone = t
+                    .rsplit_once("acceleratorTypes/")
+                    .is_some_and(|(head, name)| {
+                        rfc1035(name)
+                            && head
+                                .trim_end_matches('/')
+                                .ends_with(&format!("zones/{zone}"))
+                    });
+                if !in_zone {
+                    return Err(format!("Invalid value for field '{at}.acceleratorType': '{t}'. Accelerator type must be a URL of an accelerator type in zone '{zone}'."));
+                }
+                if !g["acceleratorCount"]
+                    .as_u64()
+                    .is_some_and(|n| (1..=16).contains(&n))
+                {
+                    return Err(format!("Invalid value for field '{at}.acceleratorCount': {}. Must be a positive integer.", g["acceleratorCount"]));
+                }
+            }
+            list.len()
+        }
+        other => {
+            return Err(format!(
+                "Invalid value for field 'resource.guestAccelerators': {other}"
+            ))
+        }
+    };
+    if gpus > 0 {
+        // Spot, preemptible and Flex-start default to TERMINATE; standard to MIGRATE.
+        let maintenance = s["onHostMaintenance"].as_str().unwrap_or(if spot || flex {
+            "TERMINATE"
+        } else {
+            "MIGRATE"
+        });
+        if maintenance == "MIGRATE" {
+            return Err("Invalid value for field 'resource.scheduling.onHostMaintenance': 'MIGRATE'. Instances with guest accelerators do not support live migration.".into());
+        }
     }
     if let Some(sas) = body["serviceAccounts"].as_array() {
         if sas.len() > 1 {
@@ -848,6 +1131,7 @@ fn insert(
         nat_ip,
         port,
         delete_on_preempt,
+        leave_on_failure: false,
         created: now_rfc3339(),
         last_start: None,
         last_stop: None,
@@ -855,20 +1139,39 @@ fn insert(
         reserved,
         server: None,
     };
+    let mut inst = inst;
+    let spot = inst.body["scheduling"]["provisioningModel"].as_str() == Some("SPOT");
+    let stockout = st
+        .stockouts
+        .get(&zone)
+        .copied()
+        .or_else(|| (spot && st.spot_stockouts.contains(&zone)).then_some(false));
+    inst.leave_on_failure = stockout == Some(true);
     st.instances.insert(key.clone(), inst);
-    let fail = st.take_op_fault("instances.insert");
+    let fail = st
+        .take_op_fault("instances.insert")
+        .or_else(|| stockout.map(|_| "ZONE_RESOURCE_POOL_EXHAUSTED".to_owned()));
+    let hang = st.take_hang("instances.insert");
     let op = st.new_op(&key, id, "insert", request_id, false);
     drop(st);
     world.bump();
-    world.boot(key, 1, op.name.clone(), BootKind::Insert, fail);
+    if !hang {
+        world.boot(key, 1, op.name.clone(), BootKind::Insert, fail);
+    }
     json_response(StatusCode::OK, op.to_json())
 }
 
 fn delete(world: &Arc<World>, key: Key, request_id: Option<&str>) -> Response {
     let mut st = world.lock();
+    let hang = st.take_hang("instances.delete");
     let Some(inst) = st.instances.get_mut(&key) else {
         return not_found("instances", &key.0, &key.1, &key.2);
     };
+    if hang {
+        let id = inst.id;
+        let op = st.new_op(&key, id, "delete", request_id, false);
+        return json_response(StatusCode::OK, op.to_json());
+    }
     inst.gen += 1;
     inst.status = "STOPPING";
     inst.server = None;
@@ -919,7 +1222,14 @@ fn set_labels(world: &Arc<World>, key: Key, request_id: Option<&str>, body: &Byt
 
 fn act(world: &Arc<World>, key: Key, action: &'static str, request_id: Option<&str>) -> Response {
     let mut st = world.lock();
-    let fail = st.take_op_fault(action);
+    let mut fail = st.take_op_fault(action);
+    if fail.is_none() && matches!(action, "instances.start" | "instances.resume") {
+        fail = st
+            .stockouts
+            .contains_key(&key.1)
+            .then(|| "ZONE_RESOURCE_POOL_EXHAUSTED".to_owned());
+    }
+    let hang = st.take_hang(action);
     let Some(inst) = st.instances.get_mut(&key) else {
         return not_found("instances", &key.0, &key.1, &key.2);
     };
@@ -974,6 +1284,11 @@ fn act(world: &Arc<World>, key: Key, action: &'static str, request_id: Option<&s
         _ => return busy(),
     };
     let op_type = action.trim_start_matches("instances.");
+    if hang && !matches!(next, Next::Done) {
+        // The operation never ends and the instance stays as it is.
+        let op = st.new_op(&key, id, op_type, request_id, false);
+        return json_response(StatusCode::OK, op.to_json());
+    }
     match next {
         Next::Done => {
             let op = st.new_op(&key, id, op_type, request_id, true);
@@ -1011,8 +1326,13 @@ fn act(world: &Arc<World>, key: Key, action: &'static str, request_id: Option<&s
     }
 }
 
-/// Preemption: the instance is TERMINATED (or deleted, per its termination action) at once.
-pub(crate) fn preempt(world: &World, key: &Key) -> bool {
+/// Preemption, as Compute Engine does it to a Spot VM: a soft-off period in STOPPING (the
+/// guest is told to shut down; up to 30 s, [`EmulatorOptions::preemption_soft_off`]), then
+/// TERMINATED, or deleted if its termination action is DELETE; a `compute.instances.preempted`
+/// operation records it.
+///
+/// [`EmulatorOptions::preemption_soft_off`]: super::EmulatorOptions::preemption_soft_off
+pub(crate) fn preempt(world: &Arc<World>, key: &Key) -> bool {
     let mut st = world.lock();
     let Some(inst) = st.instances.get_mut(key) else {
         return false;
@@ -1021,17 +1341,28 @@ pub(crate) fn preempt(world: &World, key: &Key) -> bool {
         return false;
     }
     inst.gen += 1;
-    inst.server = None;
-    inst.reserved.clear();
-    inst.status = "TERMINATED";
-    inst.last_stop = Some(now_rfc3339());
-    let (id, delete) = (inst.id, inst.delete_on_preempt);
-    if delete {
-        st.instances.remove(key);
-    }
-    st.new_op(key, id, "compute.instances.preempted", None, true);
+    inst.status = "STOPPING";
+    let (id, gen, delete) = (inst.id, inst.gen, inst.delete_on_preempt);
+    let op = st.new_op(key, id, "compute.instances.preempted", None, false);
     drop(st);
     world.bump();
+    let (w, key, soft_off) = (world.clone(), key.clone(), world.opts.preemption_soft_off);
+    world.spawn(async move {
+        tokio::time::sleep(soft_off).await;
+        let mut st = w.lock();
+        if let Some(inst) = st.instances.get_mut(&key).filter(|i| i.gen == gen) {
+            inst.server = None;
+            inst.reserved.clear();
+            inst.status = "TERMINATED";
+            inst.last_stop = Some(now_rfc3339());
+            if delete {
+                st.instances.remove(&key);
+            }
+        }
+        st.finish_op(&op.name, None);
+        drop(st);
+        w.bump();
+    });
     true
 }
 
@@ -1074,6 +1405,7 @@ pub(crate) fn seed(world: &World, key: Key, status: &'static str, port: u16) -> 
         nat_ip: Some(nat_ip),
         port,
         delete_on_preempt: false,
+        leave_on_failure: false,
         created: now_rfc3339(),
         last_start: None,
         last_stop: None,

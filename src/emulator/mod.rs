@@ -1,8 +1,8 @@
 //! A loopback Compute Engine and metadata server, for tests and demos (feature `emulator`).
 //!
 //! [`Emulator::start`] serves the Compute v1 subset vmproxy uses at `/compute/v1/` (instances
-//! list, insert, get, delete, start, stop, suspend, resume, setLabels; zoneOperations list, get
-//! and wait) and the metadata server's token, service-account and project-id endpoints at
+//! list and aggregatedList with `filter`, `maxResults` and `pageToken`, insert, get, delete,
+//! start, stop, suspend, resume, setLabels; zoneOperations list, get and wait) and the metadata server's token, service-account and project-id endpoints at
 //! `/computeMetadata/v1/`, on one loopback port. It speaks the real wire format: operations, error bodies (`alreadyExists`,
 //! `notFound`, `resourceNotReady`, `conditionNotMet`, `rateLimitExceeded`, `invalid`),
 //! fingerprints, `requestId` idempotency. Tokens are issued only with `Metadata-Flavor: Google`,
@@ -17,7 +17,11 @@
 //!
 //! Faults can be injected ([`Emulator::fail_next`], [`Emulator::fail_next_operation`],
 //! [`Emulator::set_wait_returns_early`], [`Emulator::preempt`],
-//! [`Emulator::set_never_healthy`]) and the calls received inspected ([`Emulator::calls`]).
+//! [`Emulator::set_never_healthy`], [`Emulator::set_stockout`],
+//! [`Emulator::set_spot_stockout`], [`Emulator::hang_next_operation`],
+//! [`Emulator::delay_next`]) and the calls received inspected ([`Emulator::calls`]). A request
+//! without `Authorization` gets Google's 401 (`required`, `CREDENTIALS_MISSING`); the instances
+//! can be looked at without a token at `GET /emulator/instances`.
 //! Dropping the [`Emulator`] stops its server and every instance's server.
 //!
 //! From the command line: `vmproxy emulate --listen 127.0.0.1:8085` (see [`run_cli`]).
@@ -47,6 +51,7 @@
 //! ```
 
 mod compute;
+mod list;
 mod metadata;
 mod state;
 mod vm;
@@ -100,6 +105,9 @@ pub struct EmulatorOptions {
     /// Google's front end does ("POST requests require a Content-length header"). Off by
     /// default, so that bare HTTP clients can try the emulator.
     pub require_content_length: bool,
+    /// How long a preempted Spot VM stays STOPPING (its soft-off period) before it is
+    /// TERMINATED (default 30 s, as on Compute Engine).
+    pub preemption_soft_off: Duration,
 }
 
 impl Default for EmulatorOptions {
@@ -118,6 +126,7 @@ impl Default for EmulatorOptions {
             wait_deadline: Duration::from_secs(120),
             token_lifetime: Duration::from_secs(3599),
             require_content_length: false,
+            preemption_soft_off: Duration::from_secs(30),
         }
     }
 }
@@ -132,6 +141,7 @@ impl EmulatorOptions {
             stopping: t,
             suspending: t,
             boot_delay: t,
+            preemption_soft_off: t,
             wait_deadline: Duration::from_secs(5),
             ..EmulatorOptions::default()
         }
@@ -186,6 +196,12 @@ impl EmulatorOptions {
     /// [`EmulatorOptions::require_content_length`]).
     pub fn require_content_length(mut self, on: bool) -> Self {
         self.require_content_length = on;
+        self
+    }
+
+    /// A preempted VM's soft-off period (STOPPING before TERMINATED).
+    pub fn preemption_soft_off(mut self, d: Duration) -> Self {
+        self.preemption_soft_off = d;
         self
     }
 
@@ -257,6 +273,11 @@ async fn dispatch(
     body: Bytes,
 ) -> Response {
     let path = uri.path();
+    if path == "/emulator/instances" && method == Method::GET {
+        // Unauthenticated, read-only, apart from the Compute API (which answers a request
+        // without a token 401 as Google does): what runs, for a person at a terminal.
+        return world.listing();
+    }
     if path == "/" || path == "/computeMetadata" || path.starts_with("/computeMetadata/") {
         metadata::handle(&world, &method, &uri, &headers)
     } else {
@@ -324,6 +345,27 @@ impl Emulator {
         });
     }
 
+    /// Like [`set_stockout`](Self::set_stockout) for Spot inserts only: standard ones still
+    /// find room in `zone`.
+    pub fn set_spot_stockout(&self, zone: &str, on: bool) {
+        let mut st = self.world.lock();
+        if on {
+            st.spot_stockouts.insert(zone.to_owned());
+        } else {
+            st.spot_stockouts.remove(zone);
+        }
+    }
+
+    /// The next `count` calls of `method` are answered `delay` late, with the answer as it was
+    /// when the call arrived (a stale read: e.g. two replicas that both list before either
+    /// inserts).
+    pub fn delay_next(&self, method: &str, count: usize, delay: Duration) {
+        self.world
+            .lock()
+            .delays
+            .push((method.to_owned(), count, delay));
+    }
+
     /// The next operation started by `method` (`instances.insert`, `instances.start`,
     /// `instances.resume`) finishes DONE with this error code (`ZONE_RESOURCE_POOL_EXHAUSTED`,
     /// `QUOTA_EXCEEDED`, …), and the instance goes back to where it was (gone, TERMINATED,
@@ -333,6 +375,36 @@ impl Emulator {
             .lock()
             .op_faults
             .push((method.to_owned(), code.to_owned()));
+    }
+
+    /// Makes `zone` run out of capacity (or have it again): from now on, insert, start and
+    /// resume there end with the operation error `ZONE_RESOURCE_POOL_EXHAUSTED` (HTTP 503 in
+    /// `httpErrorStatusCode`), as Compute Engine reports a stockout. With `leave_instance`, a
+    /// refused insert leaves the instance behind, TERMINATED (what a caller must clean up);
+    /// without it, the instance is gone.
+    pub fn set_stockout(&self, zone: &str, on: bool, leave_instance: bool) {
+        let mut st = self.world.lock();
+        if on {
+            st.stockouts.insert(zone.to_owned(), leave_instance);
+        } else {
+            st.stockouts.remove(zone);
+        }
+    }
+
+    /// The next operation started by `method` (`instances.insert`, `instances.delete`,
+    /// `instances.stop`, `instances.start`, …) never finishes: it stays RUNNING and the
+    /// instance stays as it was (an insert's instance stays PROVISIONING).
+    pub fn hang_next_operation(&self, method: &str) {
+        self.world.lock().hangs.push(method.to_owned());
+    }
+
+    /// Every instance, as [`InstanceInfo`]s (also served without a token, as JSON, at
+    /// `GET /emulator/instances`).
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        let st = self.world.lock();
+        let mut out: Vec<InstanceInfo> = st.instances.values().map(|i| i.info()).collect();
+        out.sort_by(|a, b| (&a.zone, &a.name).cmp(&(&b.zone, &b.name)));
+        out
     }
 
     /// While on, `zoneOperations.wait` answers at once, DONE or not.
@@ -346,7 +418,8 @@ impl Emulator {
         self.world.never_healthy.store(on, Ordering::SeqCst);
     }
 
-    /// Preempts a running (or booting) instance of the metadata project now: TERMINATED (or
+    /// Preempts a running (or booting) instance of the metadata project now: STOPPING for the
+    /// soft-off period ([`EmulatorOptions::preemption_soft_off`]), then TERMINATED (or
     /// deleted, if its termination action is DELETE), its servers gone. False if there was
     /// nothing to preempt.
     pub fn preempt(&self, zone: &str, name: &str) -> bool {
@@ -441,10 +514,15 @@ OPTIONS:
     --never-healthy        instances answer 503 on the health path
     --require-content-length
                            a POST without Content-Length gets 411, as from Google
+    --soft-off DUR         a preempted Spot VM's STOPPING period (default 30s)
+    --stockout ZONE        ZONE has no capacity: insert/start/resume fail with
+                           ZONE_RESOURCE_POOL_EXHAUSTED (repeatable)
     -h, --help             this help
 
 The Compute API is served at http://ADDR/compute/v1/ and the metadata server at
-http://ADDR/computeMetadata/v1/: point the proxy at it with
+http://ADDR/computeMetadata/v1/. The Compute API wants a token from the metadata server, as
+Google's does; to look at the instances without one: curl http://ADDR/emulator/instances
+Point the proxy at it with
 
     [route.gce]
     endpoint = \"http://127.0.0.1:8085/compute/v1/\"
@@ -460,6 +538,7 @@ pub async fn run_cli(args: &[String]) -> Result<(), BoxError> {
         ..EmulatorOptions::default()
     };
     let mut never_healthy = false;
+    let mut stockouts = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -495,6 +574,8 @@ pub async fn run_cli(args: &[String]) -> Result<(), BoxError> {
                 opts.default_port = value(flag)?.parse().map_err(|e| format!("--port: {e}"))?
             }
             "--never-healthy" => never_healthy = true,
+            "--soft-off" => opts.preemption_soft_off = dur(flag, value(flag)?)?,
+            "--stockout" => stockouts.push(value(flag)?),
             "--require-content-length" => opts.require_content_length = true,
             other => return Err(format!("unknown option {other:?} (see --help)").into()),
         }
@@ -504,6 +585,9 @@ pub async fn run_cli(args: &[String]) -> Result<(), BoxError> {
     }
     let emulator = Emulator::start(opts).await?;
     emulator.set_never_healthy(never_healthy);
+    for zone in &stockouts {
+        emulator.set_stockout(zone, true, false);
+    }
     println!("Compute Engine emulator on {}", emulator.url());
     println!("  Compute API:      {}", emulator.compute_base());
     println!(
@@ -511,6 +595,10 @@ pub async fn run_cli(args: &[String]) -> Result<(), BoxError> {
         emulator.metadata_host()
     );
     println!("  project:          {}", emulator.project());
+    println!(
+        "  instances:        {}/emulator/instances (no token needed)",
+        emulator.url()
+    );
     wait_for_shutdown().await?;
     drop(emulator);
     Ok(())

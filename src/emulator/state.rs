@@ -72,6 +72,8 @@ pub(crate) struct Inst {
     pub(crate) nat_ip: Option<IpAddr>,
     pub(crate) port: u16,
     pub(crate) delete_on_preempt: bool,
+    /// A refused insert leaves this instance TERMINATED instead of removing it.
+    pub(crate) leave_on_failure: bool,
     pub(crate) created: String,
     pub(crate) last_start: Option<String>,
     pub(crate) last_stop: Option<String>,
@@ -323,6 +325,19 @@ pub(crate) struct State {
     pub(crate) request_ids: HashMap<String, String>,
     pub(crate) faults: Vec<Fault>,
     pub(crate) op_faults: Vec<(String, String)>,
+    /// Zones without capacity: insert, start and resume there fail with
+    /// `ZONE_RESOURCE_POOL_EXHAUSTED`; the bool: whether a refused insert leaves the instance
+    /// behind (TERMINATED).
+    pub(crate) stockouts: HashMap<String, bool>,
+    /// Methods whose next operation never finishes (the instance is left as it was).
+    pub(crate) hangs: Vec<String>,
+    /// Zones without Spot capacity only.
+    pub(crate) spot_stockouts: HashSet<String>,
+    /// (method, remaining, delay): answers computed at once, sent after the delay (a stale
+    /// read, as from a slow list).
+    pub(crate) delays: Vec<(String, usize, Duration)>,
+    /// Zones seen in calls, listed (with a warning when empty) by aggregatedList.
+    pub(crate) zones: std::collections::BTreeSet<String>,
     pub(crate) wait_early: bool,
     pub(crate) calls: Vec<Call>,
     pub(crate) tokens: HashSet<String>,
@@ -345,6 +360,24 @@ impl State {
         let out = (f.status, f.reason.clone());
         self.faults.retain(|f| f.remaining > 0);
         Some(out)
+    }
+
+    pub(crate) fn take_delay(&mut self, method: &str) -> Option<Duration> {
+        let d = self.delays.iter_mut().find(|d| d.0 == method && d.1 > 0)?;
+        d.1 -= 1;
+        let out = d.2;
+        self.delays.retain(|d| d.1 > 0);
+        Some(out)
+    }
+
+    pub(crate) fn take_hang(&mut self, method: &str) -> bool {
+        match self.hangs.iter().position(|m| m == method) {
+            Some(i) => {
+                self.hangs.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     pub(crate) fn take_op_fault(&mut self, method: &str) -> Option<String> {
@@ -446,10 +479,37 @@ impl World {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         while tasks.try_join_next().is_some() {}
         tasks.spawn(fut);
+    }
+
+    /// `GET /emulator/instances`: every instance, by zone and name, without credentials.
+    pub(crate) fn listing(&self) -> axum::response::Response {
+        let st = self.lock();
+        let mut list: Vec<&Inst> = st.instances.values().collect();
+        list.sort_by(|a, b| (&a.key.1, &a.key.2).cmp(&(&b.key.1, &b.key.2)));
+        let items: Vec<Value> = list
+            .iter()
+            .map(|i| {
+                let running = i.status == "RUNNING";
+                json!({
+                    "project": i.key.0,
+                    "zone": i.key.1,
+                    "name": i.key.2,
+                    "status": i.status,
+                    "machineType": i.body["machineType"].as_str().unwrap_or("").rsplit('/').next(),
+                    "provisioningModel": i.body["scheduling"]["provisioningModel"],
+                    "networkIP": i.network_ip.to_string(),
+                    "natIP": i.nat_ip.filter(|_| running).map(|ip| ip.to_string()),
+                    "port": i.port,
+                    "labels": i.labels,
+                })
+            })
+            .collect();
+        drop(st);
+        super::compute::json_response(http::StatusCode::OK, json!({ "instances": items }))
     }
 
     /// Stops every timer and every instance server.
@@ -535,6 +595,10 @@ impl World {
                 let mut st = world.lock();
                 if let Some(i) = st.instances.get_mut(&key).filter(|i| i.gen == gen) {
                     match kind {
+                        BootKind::Insert if i.leave_on_failure => {
+                            i.status = "TERMINATED";
+                            i.reserved.clear();
+                        }
                         BootKind::Insert => {
                             st.instances.remove(&key);
                         }

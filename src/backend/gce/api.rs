@@ -60,6 +60,12 @@ pub(crate) struct Instance {
     pub(crate) network_interfaces: Vec<NetworkInterface>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) label_fingerprint: Option<String>,
+    /// The zone's URL (from get and aggregatedList; the bare name after `find_everywhere`).
+    pub(crate) zone: String,
+    /// RFC 3339, set by Compute Engine at insert.
+    pub(crate) creation_timestamp: String,
+    /// Numeric id (a uint64 as a string).
+    pub(crate) id: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,7 +110,6 @@ pub(crate) struct OperationErrorItem {
 pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
-    zone: String,
     instance: String,
     project_cfg: Option<String>,
     metadata_base: Option<String>,
@@ -119,7 +124,6 @@ impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api")
             .field("base", &self.base)
-            .field("zone", &self.zone)
             .field("instance", &self.instance)
             .field("project", &self.project_cfg)
             .finish_non_exhaustive()
@@ -135,7 +139,6 @@ fn metadata_base_from_env() -> String {
 
 pub(crate) struct ApiConfig {
     pub(crate) base: String,
-    pub(crate) zone: String,
     pub(crate) instance: String,
     pub(crate) project: Option<String>,
     pub(crate) metadata_base: Option<String>,
@@ -170,7 +173,6 @@ impl Api {
         Ok(Api {
             http,
             base,
-            zone: cfg.zone,
             instance: cfg.instance,
             project_cfg: cfg.project,
             metadata_base: metadata_base.map(|m| m.trim_end_matches('/').to_owned()),
@@ -182,8 +184,8 @@ impl Api {
         })
     }
 
-    fn err(&self, e: GceError) -> GceError {
-        e.at(&self.instance, &self.zone)
+    fn err(&self, zone: &str, e: GceError) -> GceError {
+        e.at(&self.instance, zone)
     }
 
     /// The project: from the config, else the metadata server, else `GOOGLE_CLOUD_PROJECT`.
@@ -218,7 +220,7 @@ impl Api {
                 }
                 match std::env::var("GOOGLE_CLOUD_PROJECT") {
                     Ok(p) if !p.is_empty() => Ok(p),
-                    _ => Err(self.err(GceError::new(
+                    _ => Err(self.err("", GceError::new(
                         GceErrorKind::Invalid,
                         "project",
                         "noProject",
@@ -244,12 +246,15 @@ impl Api {
                         .build(),
                 };
                 built.map_err(|e| {
-                    self.err(GceError::new(
-                        GceErrorKind::Auth,
-                        "credentials",
-                        "noCredentials",
-                        e.to_string(),
-                    ))
+                    self.err(
+                        "",
+                        GceError::new(
+                            GceErrorKind::Auth,
+                            "credentials",
+                            "noCredentials",
+                            e.to_string(),
+                        ),
+                    )
                 })
             })
             .await
@@ -277,17 +282,18 @@ impl Api {
     }
 
     /// `projects/{p}/zones/{z}/` + `rest`.
-    async fn zonal(&self, rest: &str) -> Result<String, GceError> {
+    async fn zonal(&self, zone: &str, rest: &str) -> Result<String, GceError> {
         let project = self.project().await?;
         Ok(format!(
             "{}projects/{}/zones/{}/{}",
-            self.base, project, self.zone, rest
+            self.base, project, zone, rest
         ))
     }
 
     /// One API call with retries; returns the JSON answer.
     async fn call(
         &self,
+        zone: &str,
         call: &'static str,
         method: Method,
         url: &str,
@@ -309,7 +315,7 @@ impl Api {
                     tokio::time::sleep(pause).await;
                     delay = (delay * 2).min(self.retry.max);
                 }
-                Err(e) => return Err(self.err(e)),
+                Err(e) => return Err(self.err(zone, e)),
             }
         }
     }
@@ -389,30 +395,85 @@ impl Api {
     }
 
     /// `instances.get`; `None` when it does not exist.
-    pub(crate) async fn get(&self) -> Result<Option<Instance>, GceError> {
-        let url = self.zonal(&format!("instances/{}", self.instance)).await?;
-        match self.call("instances.get", Method::GET, &url, None).await {
+    pub(crate) async fn get(&self, zone: &str) -> Result<Option<Instance>, GceError> {
+        let url = self
+            .zonal(zone, &format!("instances/{}", self.instance))
+            .await?;
+        match self
+            .call(zone, "instances.get", Method::GET, &url, None)
+            .await
+        {
             Ok(v) => Ok(Some(
-                Self::parse("instances.get", v).map_err(|e| self.err(e))?,
+                Self::parse("instances.get", v).map_err(|e| self.err(zone, e))?,
             )),
             Err(e) if e.kind() == GceErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
+    /// `instances.aggregatedList` filtered on the instance name: every instance of that name
+    /// in the project, whatever its zone (pages followed).
+    pub(crate) async fn find_everywhere(&self) -> Result<Vec<Instance>, GceError> {
+        let project = self.project().await?;
+        // AIP-160 form; the name is RFC 1035, so it needs no escaping inside the quotes.
+        let filter = format!("name%20%3D%20%22{}%22", self.instance);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..50 {
+            let mut url = format!(
+                "{}projects/{project}/aggregated/instances?filter={filter}",
+                self.base
+            );
+            if let Some(t) = &token {
+                url.push_str("&pageToken=");
+                url.push_str(&percent_encode(t));
+            }
+            let v = self
+                .call("", "instances.aggregatedList", Method::GET, &url, None)
+                .await?;
+            let page: AggregatedList = Self::parse("instances.aggregatedList", v)?;
+            for (scope, list) in page.items {
+                for mut inst in list.instances {
+                    if inst.name != self.instance {
+                        continue;
+                    }
+                    if inst.zone.is_empty() {
+                        inst.zone = scope.clone();
+                    }
+                    inst.zone = last_segment(&inst.zone).to_owned();
+                    out.push(inst);
+                }
+            }
+            match page.next_page_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+        Err(GceError::new(
+            GceErrorKind::Other,
+            "instances.aggregatedList",
+            "tooManyPages",
+            "more than 50 pages for one instance name",
+        ))
+    }
+
     /// `instances.insert` with a fresh `requestId` (kept across retries of this call).
-    pub(crate) async fn insert(&self, body: &Value) -> Result<Operation, GceError> {
+    pub(crate) async fn insert(&self, zone: &str, body: &Value) -> Result<Operation, GceError> {
         let url = self
-            .zonal(&format!("instances?requestId={}", Self::request_id()))
+            .zonal(zone, &format!("instances?requestId={}", Self::request_id()))
             .await?;
         let v = self
-            .call("instances.insert", Method::POST, &url, Some(body))
+            .call(zone, "instances.insert", Method::POST, &url, Some(body))
             .await?;
-        Self::parse("instances.insert", v).map_err(|e| self.err(e))
+        Self::parse("instances.insert", v).map_err(|e| self.err(zone, e))
     }
 
     /// `instances.{start,stop,suspend,resume,delete}`.
-    pub(crate) async fn action(&self, call: &'static str) -> Result<Operation, GceError> {
+    pub(crate) async fn action(
+        &self,
+        zone: &str,
+        call: &'static str,
+    ) -> Result<Operation, GceError> {
         let rid = Self::request_id();
         let name = &self.instance;
         let (method, rest) = match call {
@@ -435,73 +496,171 @@ impl Api {
             ),
             other => unreachable!("unknown action {other}"),
         };
-        let url = self.zonal(&rest).await?;
-        let v = self.call(call, method, &url, None).await?;
-        Self::parse(call, v).map_err(|e| self.err(e))
+        let url = self.zonal(zone, &rest).await?;
+        let v = self.call(zone, call, method, &url, None).await?;
+        Self::parse(call, v).map_err(|e| self.err(zone, e))
     }
 
     /// `instances.setLabels` with the fingerprint of the labels it replaces.
     pub(crate) async fn set_labels(
         &self,
+        zone: &str,
         labels: &BTreeMap<String, String>,
         fingerprint: &str,
     ) -> Result<Operation, GceError> {
         let url = self
-            .zonal(&format!(
-                "instances/{}/setLabels?requestId={}",
-                self.instance,
-                Self::request_id()
-            ))
+            .zonal(
+                zone,
+                &format!(
+                    "instances/{}/setLabels?requestId={}",
+                    self.instance,
+                    Self::request_id()
+                ),
+            )
             .await?;
         let body = json!({ "labels": labels, "labelFingerprint": fingerprint });
         let v = self
-            .call("instances.setLabels", Method::POST, &url, Some(&body))
+            .call(zone, "instances.setLabels", Method::POST, &url, Some(&body))
             .await?;
-        Self::parse("instances.setLabels", v).map_err(|e| self.err(e))
+        Self::parse("instances.setLabels", v).map_err(|e| self.err(zone, e))
     }
 
-    /// Waits for `op` with `zoneOperations.wait` until it is DONE (the call may return early),
-    /// then turns an operation error into a typed error for `call`.
+    /// Waits for `op` with `zoneOperations.wait` until it is DONE (the call may return early)
+    /// or `deadline` passes, then turns an operation error into a typed error for `call`.
+    /// An operation still pending at the deadline is an `operationTimeout` error (and logged);
+    /// one abandoned because the caller gave up (a dropped future) is logged too.
     pub(crate) async fn wait(
         &self,
+        zone: &str,
         call: &'static str,
         mut op: Operation,
+        deadline: Instant,
     ) -> Result<Operation, GceError> {
+        let mut pending = Pending {
+            instance: &self.instance,
+            zone,
+            call,
+            operation: op.name.clone(),
+            status: op.status.clone(),
+            armed: true,
+        };
         loop {
+            pending.status.clone_from(&op.status);
             if op.status == "DONE" {
+                pending.armed = false;
                 if let Some(first) = op.error.as_ref().and_then(|e| e.errors.first()) {
-                    return Err(self.err(GceError::from_operation(
-                        call,
-                        &first.code,
-                        &first.message,
-                        op.http_error_status_code,
-                    )));
+                    return Err(self.err(
+                        zone,
+                        GceError::from_operation(
+                            call,
+                            &first.code,
+                            &first.message,
+                            op.http_error_status_code,
+                        ),
+                    ));
                 }
                 return Ok(op);
             }
             if op.name.is_empty() {
-                return Err(self.err(GceError::new(
-                    GceErrorKind::Other,
-                    call,
-                    "badOperation",
-                    "operation without a name",
-                )));
+                pending.armed = false;
+                return Err(self.err(
+                    zone,
+                    GceError::new(
+                        GceErrorKind::Other,
+                        call,
+                        "badOperation",
+                        "operation without a name",
+                    ),
+                ));
+            }
+            if Instant::now() >= deadline {
+                pending.armed = false;
+                warn!(instance = %self.instance, zone, call, operation = %op.name, status = %op.status,
+                    "gave up waiting for the operation: still pending at the deadline");
+                return Err(self.err(
+                    zone,
+                    GceError::new(
+                        GceErrorKind::Unavailable,
+                        call,
+                        "operationTimeout",
+                        format!("operation {} still {} at the deadline", op.name, op.status),
+                    ),
+                ));
             }
             let started = Instant::now();
-            let url = self.zonal(&format!("operations/{}/wait", op.name)).await?;
-            let v = self
-                .call("zoneOperations.wait", Method::POST, &url, None)
+            let url = self
+                .zonal(zone, &format!("operations/{}/wait", op.name))
                 .await?;
-            op = Self::parse("zoneOperations.wait", v).map_err(|e| self.err(e))?;
+            let waited = tokio::time::timeout_at(
+                deadline,
+                self.call(zone, "zoneOperations.wait", Method::POST, &url, None),
+            )
+            .await;
+            let Ok(v) = waited else {
+                // The deadline passed during the long poll: the loop reports it.
+                continue;
+            };
+            op = Self::parse("zoneOperations.wait", v?).map_err(|e| self.err(zone, e))?;
             if op.status != "DONE" {
                 // It returned early: do not spin.
                 let elapsed = started.elapsed();
                 if elapsed < self.poll {
-                    tokio::time::sleep(self.poll - elapsed).await;
+                    tokio::time::sleep_until((started + self.poll).min(deadline)).await;
                 }
             }
         }
     }
+}
+
+/// Logs an operation a caller stopped waiting for (its future dropped, e.g. by the route's
+/// `start_timeout`), so that what the platform was still doing is on record.
+struct Pending<'a> {
+    instance: &'a str,
+    zone: &'a str,
+    call: &'static str,
+    operation: String,
+    status: String,
+    armed: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            warn!(instance = %self.instance, zone = %self.zone, call = self.call,
+                operation = %self.operation, status = %self.status,
+                "stopped waiting for the operation: still pending");
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct AggregatedList {
+    items: BTreeMap<String, ScopedList>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ScopedList {
+    instances: Vec<Instance>,
+}
+
+/// `https://…/zones/us-central1-a` or `zones/us-central1-a` → `us-central1-a`.
+pub(crate) fn last_segment(s: &str) -> &str {
+    s.rsplit('/').next().unwrap_or(s)
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -10,7 +10,7 @@ use crate::route::ConfigError;
 
 /// The `[route.gce]` table of the binary's config file: one Compute Engine VM.
 ///
-/// Only `zone` and `instance` are required; see [`GceBackendBuilder`](super::GceBackendBuilder)
+/// Only `zone` (or `zones`) and `instance` are required; see [`GceBackendBuilder`](super::GceBackendBuilder)
 /// for what each key means and its default.
 ///
 /// ```toml
@@ -22,17 +22,45 @@ use crate::route::ConfigError;
 /// startup_script = "#!/bin/bash\ndocker run -p 8080:8080 ghcr.io/me/worker"
 /// stop_policy = "stop"
 /// ```
+///
+/// A GPU VM on Spot capacity, in whichever of three zones has room:
+///
+/// ```toml
+/// [route.gce]
+/// zones = ["us-central1-a", "us-central1-b", "us-central1-c"]
+/// instance = "llm"
+/// machine_types = ["g2-standard-8", "g2-standard-12"]
+/// accelerators = [{ type = "nvidia-l4", count = 1 }]
+/// image = "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-11"
+/// spot_fallback = true
+/// ```
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GceConfig {
     /// The project; default: the metadata server's project-id, else `GOOGLE_CLOUD_PROJECT`.
     pub project: Option<String>,
-    /// The zone, e.g. `us-central1-a`.
-    pub zone: String,
+    /// The zone, e.g. `us-central1-a` (or give `zones`).
+    pub zone: Option<String>,
+    /// Zones to try in order on capacity errors, instead of `zone`.
+    pub zones: Option<Vec<String>>,
     /// The instance name (`[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?`).
     pub instance: String,
     /// Machine type (default `e2-small`).
     pub machine_type: Option<String>,
+    /// Machine types to try in order on capacity errors, instead of `machine_type`.
+    pub machine_types: Option<Vec<String>>,
+    /// Accelerators (GPUs): `[{ type = "nvidia-l4", count = 1 }]`.
+    #[serde(default)]
+    pub accelerators: Vec<super::Accelerator>,
+    /// `spot` (default), `standard` or `flex-start`.
+    pub provisioning_model: Option<super::ProvisioningModel>,
+    /// After every zone and machine type refused Spot, try standard provisioning.
+    pub spot_fallback: Option<bool>,
+    /// The longest the VM runs, e.g. `"4h"` (`scheduling.maxRunDuration`; required for
+    /// flex-start).
+    pub max_run_duration: Option<String>,
+    /// The longest an idle stop waits for Compute Engine, e.g. `"5m"` (the default).
+    pub stop_timeout: Option<String>,
     /// Boot image: `debian-12`, `family/NAME`, `projects/P/global/images/...` or a URL
     /// (default `projects/debian-cloud/global/images/family/debian-12`).
     pub image: Option<String>,
@@ -88,7 +116,49 @@ impl GceConfig {
     /// Checks the table and builds the backend (no I/O; credentials and the project are
     /// resolved on first use).
     pub fn into_backend(self) -> Result<GceBackend, ConfigError> {
-        let mut b = GceBackend::builder(self.zone, self.instance);
+        let mut b = match (self.zone, self.zones) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "zones",
+                    "give either zone or zones, not both",
+                ))
+            }
+            (None, None) => return Err(ConfigError::new("zone", "zone (or zones) is required")),
+            (Some(zone), None) => GceBackend::builder(zone, self.instance),
+            (None, Some(zones)) => {
+                let Some(first) = zones.first().cloned() else {
+                    return Err(ConfigError::new("zones", "must not be empty"));
+                };
+                GceBackend::builder(first, self.instance).zones(zones)
+            }
+        };
+        if let Some(v) = self.machine_types {
+            if self.machine_type.is_some() {
+                return Err(ConfigError::new(
+                    "machine_types",
+                    "give either machine_type or machine_types, not both",
+                ));
+            }
+            if v.is_empty() {
+                return Err(ConfigError::new("machine_types", "must not be empty"));
+            }
+            b = b.machine_types(v);
+        }
+        for a in self.accelerators {
+            b = b.accelerator(a.kind, a.count);
+        }
+        if let Some(v) = self.provisioning_model {
+            b = b.provisioning_model(v);
+        }
+        if let Some(v) = self.spot_fallback {
+            b = b.spot_fallback(v);
+        }
+        if let Some(v) = self.max_run_duration {
+            b = b.max_run_duration(duration("max_run_duration", &v)?);
+        }
+        if let Some(v) = self.stop_timeout {
+            b = b.stop_timeout(duration("stop_timeout", &v)?);
+        }
         if let Some(p) = self.project {
             b = b.project(p);
         }
@@ -193,5 +263,98 @@ mod tests {
         let cfg: GceConfig =
             toml::from_str("zone = \"us-central1-a\"\ninstance = \"VM_1\"").unwrap();
         assert_eq!(cfg.into_backend().unwrap_err().field(), "instance");
+    }
+
+    fn err(toml: &str) -> String {
+        let cfg: GceConfig = toml::from_str(toml).unwrap();
+        cfg.into_backend().unwrap_err().field().to_owned()
+    }
+
+    #[test]
+    fn fallback_and_provisioning_keys_are_checked() {
+        let base = "instance = \"vm\"\n";
+        assert_eq!(
+            err(&format!(
+                "{base}zone = \"us-central1-a\"\nzones = [\"us-central1-b\"]"
+            )),
+            "zones"
+        );
+        assert_eq!(err(base), "zone");
+        assert_eq!(err(&format!("{base}zones = []")), "zones");
+        assert_eq!(
+            err(&format!(
+                "{base}zones = [\"us-central1-a\", \"us-central1-a\"]"
+            )),
+            "zones"
+        );
+        let z = format!("{base}zone = \"us-central1-a\"\n");
+        assert_eq!(
+            err(&format!("{z}spot = false\nprovisioning_model = \"spot\"")),
+            "provisioning_model"
+        );
+        assert_eq!(
+            err(&format!(
+                "{z}spot = true\nprovisioning_model = \"flex-start\"\nmax_run_duration = \"4h\""
+            )),
+            "provisioning_model"
+        );
+        assert_eq!(
+            err(&format!("{z}provisioning_model = \"flex-start\"")),
+            "max_run_duration"
+        );
+        assert_eq!(
+            err(&format!("{z}provisioning_model = \"flex-start\"\nmax_run_duration = \"4h\"\ntermination_action = \"stop\"")),
+            "termination_action"
+        );
+        assert_eq!(
+            err(&format!(
+                "{z}provisioning_model = \"standard\"\nspot_fallback = true"
+            )),
+            "spot_fallback"
+        );
+        assert_eq!(
+            err(&format!(
+                "{z}accelerators = [{{ type = \"nvidia-l4\", count = 0 }}]"
+            )),
+            "accelerators"
+        );
+        assert_eq!(
+            err(&format!(
+                "{z}machine_type = \"e2-small\"\nmachine_types = [\"e2-medium\"]"
+            )),
+            "machine_types"
+        );
+        assert!(
+            toml::from_str::<GceConfig>(&format!("{z}provisioning_model = \"preemptible\""))
+                .is_err()
+        );
+
+        let cfg: GceConfig = toml::from_str(&format!(
+            "{base}zones = [\"us-central1-a\", \"europe-west4-b\"]\nmachine_types = [\"g2-standard-8\", \"g2-standard-12\"]\naccelerators = [{{ type = \"nvidia-l4\" }}]\nspot_fallback = true\nsubnetwork = \"sub\""
+        ))
+        .unwrap();
+        let b = cfg.into_backend().unwrap();
+        let bodies = b.attempt_bodies();
+        // 2 zones x 2 machine types x (Spot, then standard).
+        assert_eq!(bodies.len(), 8);
+        assert_eq!(
+            bodies[1]["machineType"],
+            "zones/europe-west4-b/machineTypes/g2-standard-8"
+        );
+        assert_eq!(
+            bodies[1]["guestAccelerators"][0]["acceleratorType"],
+            "zones/europe-west4-b/acceleratorTypes/nvidia-l4"
+        );
+        assert_eq!(
+            bodies[1]["networkInterfaces"][0]["subnetwork"],
+            "regions/europe-west4/subnetworks/sub"
+        );
+        assert_eq!(
+            bodies[2]["machineType"],
+            "zones/us-central1-a/machineTypes/g2-standard-12"
+        );
+        assert_eq!(bodies[4]["scheduling"]["provisioningModel"], "STANDARD");
+        assert_eq!(bodies[4]["scheduling"]["onHostMaintenance"], "TERMINATE");
+        assert_eq!(bodies[0]["scheduling"]["provisioningModel"], "SPOT");
     }
 }

@@ -5,15 +5,26 @@
 //!
 //! | instance | `start()` |
 //! |---|---|
-//! | not found | `instances.insert` with a `requestId`; a 409 `alreadyExists` means another proxy replica is creating it: adopt it |
+//! | not found | `instances.insert` with a `requestId` and the activity label; a 409 `alreadyExists` means it exists (another replica created it): adopt it |
 //! | `PROVISIONING`, `STAGING`, `STOPPING`, `SUSPENDING` | wait, then look again |
 //! | `TERMINATED` / `STOPPED` | `instances.start` |
 //! | `SUSPENDED` | `instances.resume` |
 //! | `RUNNING` | its address: the external NAT IP or the internal IP ([`Address`]) |
 //!
-//! Operations are awaited with `zoneOperations.wait` in a loop; a DONE operation with an
-//! `error` becomes a [`GceError`] (no capacity, quota, …) that the layer answers with 503 and
-//! the reason. 429, 5xx and 403 `rateLimitExceeded` are retried with exponential back-off and
+//! A start inserts first (no VM is the common case: 3 calls, insert, wait and get), and looks
+//! first once it has seen the VM exist. With several [`zones`](GceBackendBuilder::zones), one
+//! `instances.aggregatedList` finds the VM in any of them. A capacity error
+//! (`ZONE_RESOURCE_POOL_EXHAUSTED…`) on insert, start or resume deletes what the attempt left
+//! and tries the next zone, then [machine type](GceBackendBuilder::machine_types), then
+//! standard provisioning ([`spot_fallback`](GceBackendBuilder::spot_fallback)); the option that
+//! served is tried first next time. Replicas that insert in two zones at once keep the older VM
+//! (creation time, then zone name): each lists again after its insert and deletes its own if it
+//! is not that one.
+//!
+//! Operations are awaited with `zoneOperations.wait` in a loop, bounded (a stop by
+//! [`stop_timeout`](GceBackendBuilder::stop_timeout), a start by the route's `start_timeout`);
+//! a DONE operation with an `error` becomes a [`GceError`] (no capacity, quota, …) that the
+//! layer answers with 503 and the reason. 429, 5xx and 403 `rateLimitExceeded` are retried with exponential back-off and
 //! jitter; quota and invalid-request errors fail at once. The idle stop follows the
 //! [`StopPolicy`] (delete, as the original did, by default).
 //!
@@ -62,7 +73,8 @@ mod spec;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -73,12 +85,12 @@ use tracing::{debug, info, warn};
 pub use config::GceConfig;
 pub use error::{GceError, GceErrorKind};
 pub use google_cloud_auth::credentials::Credentials;
-pub use spec::TerminationAction;
+pub use spec::{Accelerator, ProvisioningModel, TerminationAction};
 
 use crate::backend::{Backend, BackendFuture, Endpoint, Status};
 use crate::route::ConfigError;
 use api::{Api, ApiConfig, AuthSource, Instance, Retry};
-use spec::{InstanceSpec, ACTIVE_LABEL};
+use spec::{Attempt, InstanceSpec, ACTIVE_LABEL};
 
 /// How an idle VM is taken down.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -114,10 +126,26 @@ pub struct GceBackend {
     address: Address,
     stop_policy: StopPolicy,
     status_interval: Option<Duration>,
-    max_stop_wait: Duration,
+    stop_timeout: Duration,
     /// The `vmproxy-active` value this replica last wrote (unix seconds; 0: none).
     last_written: AtomicU64,
+    /// The zone the VM is in (or was last created in).
+    zone_now: Mutex<String>,
+    /// The attempt (zone, machine type, provisioning) that last served: tried first next time.
+    serving: Mutex<Option<Attempt>>,
+    /// Whether the VM is believed to exist (then a start looks first; else it inserts first).
+    exists_hint: AtomicBool,
+    /// The instance as last seen by a start, for the first activity record (its fingerprint
+    /// saves a `get`).
+    seen: Mutex<Option<Instance>>,
 }
+
+/// Default of [`GceBackendBuilder::stop_timeout`].
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(300);
+/// A backstop for the waits of a start: the route's `start_timeout` normally ends it first.
+const START_BACKSTOP: Duration = Duration::from_secs(3600);
+/// A label our insert wrote less than this ago is not rewritten by the first activity record.
+const FRESH_LABEL: u64 = 60;
 
 /// Builds a [`GceBackend`]; every setting but the zone and instance name has a default.
 #[derive(Debug)]
@@ -135,6 +163,9 @@ pub struct GceBackendBuilder {
     retry: Retry,
     external_ip: Option<bool>,
     scopes_set: bool,
+    spot: Option<bool>,
+    provisioning: Option<ProvisioningModel>,
+    stop_timeout: Duration,
 }
 
 impl GceBackend {
@@ -153,6 +184,9 @@ impl GceBackend {
             retry: Retry::default(),
             external_ip: None,
             scopes_set: false,
+            spot: None,
+            provisioning: None,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
     }
 
@@ -161,14 +195,34 @@ impl GceBackend {
         &self.spec.name
     }
 
-    /// The zone.
+    /// The first zone.
     pub fn zone(&self) -> &str {
         &self.spec.zone
     }
 
-    /// The body sent with `instances.insert` (for inspection and tests).
+    /// The zones tried, in order.
+    pub fn zones(&self) -> &[String] {
+        &self.spec.zones
+    }
+
+    /// The zone the VM is in now, or was last created or looked for in.
+    pub fn current_zone(&self) -> String {
+        lock(&self.zone_now).clone()
+    }
+
+    /// The body sent with `instances.insert` for the first attempt (for inspection and tests).
     pub fn insert_body(&self) -> &Value {
         &self.insert_body
+    }
+
+    /// The insert bodies of every attempt a start may make, in order (zones first, then
+    /// machine types, then standard provisioning if `spot_fallback`).
+    pub fn attempt_bodies(&self) -> Vec<Value> {
+        self.spec
+            .attempts()
+            .iter()
+            .map(|a| self.spec.insert_body_for(a))
+            .collect()
     }
 }
 
@@ -274,15 +328,77 @@ impl GceBackendBuilder {
     }
 
     /// Spot provisioning (default true, as the original defaulted to preemptible); `false`
-    /// for a standard VM.
+    /// for a standard VM. Same as [`provisioning_model`](Self::provisioning_model) with
+    /// `Spot` or `Standard`; giving both inconsistently is a configuration error.
     pub fn spot(mut self, spot: bool) -> Self {
-        self.spec.spot = spot;
+        self.spot = Some(spot);
+        self
+    }
+
+    /// How the VM is provisioned: [`ProvisioningModel::Spot`] (default), `Standard` or
+    /// `FlexStart` (which needs [`max_run_duration`](Self::max_run_duration)).
+    pub fn provisioning_model(mut self, model: ProvisioningModel) -> Self {
+        self.provisioning = Some(model);
+        self
+    }
+
+    /// After every zone and machine type refused Spot capacity, try standard provisioning
+    /// (default false).
+    pub fn spot_fallback(mut self, on: bool) -> Self {
+        self.spec.spot_fallback = on;
+        self
+    }
+
+    /// The longest the VM may run (`scheduling.maxRunDuration`); required for Flex-start,
+    /// where the VM is deleted at the end.
+    pub fn max_run_duration(mut self, d: Duration) -> Self {
+        self.spec.max_run_duration = Some(d);
+        self
+    }
+
+    /// Zones to create the VM in, in order of preference, instead of the builder's one zone.
+    /// On a capacity error (`ZONE_RESOURCE_POOL_EXHAUSTED…`) the next one is tried.
+    pub fn zones<I, S>(mut self, zones: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.spec.zones = zones.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Machine types to try, in order, instead of the one [`machine_type`](Self::machine_type):
+    /// the second fallback axis, after the zones.
+    pub fn machine_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.spec.machine_types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Attaches `count` accelerators of `kind` (`nvidia-l4`, `nvidia-tesla-t4`…) as
+    /// `guestAccelerators`; the VM then uses `onHostMaintenance = TERMINATE`.
+    pub fn accelerator(mut self, kind: impl Into<String>, count: u32) -> Self {
+        self.spec.accelerators.push(Accelerator {
+            kind: kind.into(),
+            count,
+        });
+        self
+    }
+
+    /// The longest an idle stop waits for Compute Engine (default 5 minutes); after it, the
+    /// stop fails (logged with the operation still pending) and the VM is kept.
+    pub fn stop_timeout(mut self, d: Duration) -> Self {
+        self.stop_timeout = d;
         self
     }
 
     /// What a reclaimed Spot VM becomes (default [`TerminationAction::Stop`]).
     pub fn termination_action(mut self, action: TerminationAction) -> Self {
         self.spec.termination_action = action;
+        self.spec.termination_action_set = true;
         self
     }
 
@@ -356,6 +472,25 @@ impl GceBackendBuilder {
     pub fn build(self) -> Result<GceBackend, ConfigError> {
         let mut spec = self.spec;
         spec.external_ip = self.external_ip.unwrap_or(true);
+        spec.provisioning = match (self.spot, self.provisioning) {
+            (None, None) => ProvisioningModel::Spot,
+            (Some(true), None) => ProvisioningModel::Spot,
+            (Some(false), None) => ProvisioningModel::Standard,
+            (None, Some(m)) => m,
+            (Some(true), Some(ProvisioningModel::Spot))
+            | (Some(false), Some(ProvisioningModel::Standard)) => {
+                self.provisioning.expect("matched")
+            }
+            (Some(spot), Some(m)) => {
+                return Err(ConfigError::new(
+                    "provisioning_model",
+                    format!("spot = {spot} contradicts provisioning_model = {m:?}; give only provisioning_model"),
+                ))
+            }
+        };
+        if self.stop_timeout.is_zero() {
+            return Err(ConfigError::new("stop_timeout", "must be more than zero"));
+        }
         if self.address == Address::External && !spec.external_ip {
             return Err(ConfigError::new(
                 "address",
@@ -395,7 +530,6 @@ impl GceBackendBuilder {
         };
         let api = Api::new(ApiConfig {
             base: endpoint,
-            zone: spec.zone.clone(),
             instance: spec.name.clone(),
             project: self.project,
             metadata_base: metadata,
@@ -405,6 +539,7 @@ impl GceBackendBuilder {
         })
         .map_err(|e| ConfigError::new("endpoint", format!("cannot build an HTTP client: {e}")))?;
         let insert_body = spec.insert_body();
+        let zone_now = Mutex::new(spec.zone.clone());
         Ok(GceBackend {
             spec,
             insert_body,
@@ -412,8 +547,12 @@ impl GceBackendBuilder {
             address: self.address,
             stop_policy: self.stop_policy,
             status_interval: self.status_interval,
-            max_stop_wait: Duration::from_secs(600),
+            stop_timeout: self.stop_timeout,
             last_written: AtomicU64::new(0),
+            zone_now,
+            serving: Mutex::new(None),
+            exists_hint: AtomicBool::new(false),
+            seen: Mutex::new(None),
         })
     }
 }
@@ -484,14 +623,33 @@ impl GceBackend {
         tokio::time::sleep(self.api.poll).await;
     }
 
-    /// Runs `call` (start, resume, stop, …) and waits for its operation. A busy instance
+    fn zone_now(&self) -> String {
+        lock(&self.zone_now).clone()
+    }
+
+    fn set_zone(&self, zone: &str) {
+        let mut z = lock(&self.zone_now);
+        if *z != zone {
+            z.clear();
+            z.push_str(zone);
+        }
+    }
+
+    /// Runs `call` and waits (until `deadline`) for its operation.
+    async fn run_op(
+        &self,
+        zone: &str,
+        call: &'static str,
+        deadline: Instant,
+    ) -> Result<(), GceError> {
+        let op = self.api.action(zone, call).await?;
+        self.api.wait(zone, call, op, deadline).await.map(drop)
+    }
+
+    /// Runs `call` (start, resume) and waits for its operation. A busy instance
     /// (`resourceNotReady`) is not an error: the caller looks at it again.
-    async fn act(&self, call: &'static str) -> Result<(), GceError> {
-        let result = match self.api.action(call).await {
-            Ok(op) => self.api.wait(call, op).await.map(drop),
-            Err(e) => Err(e),
-        };
-        match result {
+    async fn act(&self, zone: &str, call: &'static str, deadline: Instant) -> Result<(), GceError> {
+        match self.run_op(zone, call, deadline).await {
             Err(e) if matches!(e.kind(), GceErrorKind::NotReady | GceErrorKind::NotFound) => {
                 debug!(instance = %self.spec.name, call, error = %e, "not now; looking again");
                 self.pause().await;
@@ -501,61 +659,271 @@ impl GceBackend {
         }
     }
 
-    async fn start_vm(&self) -> Result<Endpoint, GceError> {
+    /// Brings the instance in `zone` to RUNNING: looks at it (unless `known` is a fresh copy),
+    /// starts or resumes it, waits through transitions.
+    async fn drive(
+        &self,
+        zone: &str,
+        mut known: Option<Instance>,
+        deadline: Instant,
+    ) -> Result<Drive, GceError> {
         let mut last_status = String::new();
         loop {
-            let Some(inst) = self.api.get().await? else {
-                info!(instance = %self.spec.name, zone = %self.spec.zone, "creating the instance");
-                let mut body = self.insert_body.clone();
-                let now = unix_now() as u64;
-                body["labels"][ACTIVE_LABEL] = Value::String(now.to_string());
-                self.last_written.store(now, Ordering::SeqCst);
-                let outcome = match self.api.insert(&body).await {
-                    Ok(op) => self.api.wait("instances.insert", op).await.map(drop),
-                    Err(e) => Err(e),
-                };
-                match outcome {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == GceErrorKind::AlreadyExists => {
-                        info!(instance = %self.spec.name, "being created elsewhere (another replica?); adopting it");
-                    }
-                    Err(e) => return Err(e),
-                }
-                continue;
+            let inst = match known.take() {
+                Some(inst) => inst,
+                None => match self.api.get(zone).await? {
+                    Some(inst) => inst,
+                    None => return Ok(Drive::Gone),
+                },
             };
             if inst.status != last_status {
                 // The platform's progress, so a slow start says where it is.
-                info!(instance = %self.spec.name, zone = %self.spec.zone, status = %inst.status, "instance status");
+                info!(instance = %self.spec.name, zone, status = %inst.status, "instance status");
                 last_status.clone_from(&inst.status);
             }
-            match inst.status.as_str() {
-                "RUNNING" => {
-                    let ep = self.endpoint_of(&inst)?;
-                    // Tell other replicas it is in use from now on, so none of them takes it
-                    // down before this one has served its first requests.
-                    if let Err(e) = self.record(Some(inst)).await {
-                        warn!(instance = %self.spec.name, error = %e, "could not record activity");
-                    }
-                    return Ok(ep);
-                }
-                "TERMINATED" | "STOPPED" => {
-                    info!(instance = %self.spec.name, "starting the stopped instance");
-                    self.act("instances.start").await?;
-                }
-                "SUSPENDED" => {
-                    info!(instance = %self.spec.name, "resuming the suspended instance");
-                    self.act("instances.resume").await?;
-                }
+            let call = match inst.status.as_str() {
+                "RUNNING" => return Ok(Drive::Running(inst)),
+                "TERMINATED" | "STOPPED" => "instances.start",
+                "SUSPENDED" => "instances.resume",
                 // PROVISIONING, STAGING, REPAIRING, STOPPING, SUSPENDING, and newer states.
-                _ => self.pause().await,
+                _ => {
+                    if Instant::now() >= deadline {
+                        return Err(self.timeout("start", zone, &inst.status));
+                    }
+                    self.pause().await;
+                    continue;
+                }
+            };
+            info!(instance = %self.spec.name, zone, call, "starting the instance");
+            match self.act(zone, call, deadline).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == GceErrorKind::NoCapacity => return Ok(Drive::NoCapacity(e)),
+                Err(e) => return Err(e),
             }
         }
     }
 
-    async fn stop_vm(&self) -> Result<(), GceError> {
-        let deadline = Instant::now() + self.max_stop_wait;
+    fn timeout(&self, what: &'static str, zone: &str, status: &str) -> GceError {
+        warn!(instance = %self.spec.name, zone, status, what, "gave up: the instance did not settle in time");
+        GceError::new(
+            GceErrorKind::Unavailable,
+            what,
+            "operationTimeout",
+            format!("the instance was still {status} at the deadline"),
+        )
+        .at(&self.spec.name, zone)
+    }
+
+    /// The next attempt: the one that served last, else the first of the list not yet
+    /// refused during this start.
+    fn next_attempt(&self, refused: &[(Attempt, GceError)]) -> Option<Attempt> {
+        let tried = |a: &Attempt| refused.iter().any(|(r, _)| r == a);
+        if let Some(a) = *lock(&self.serving) {
+            if !tried(&a) {
+                return Some(a);
+            }
+        }
+        self.spec.attempts().into_iter().find(|a| !tried(a))
+    }
+
+    /// The attempt describing where a VM found in `zone` lives (for the refusal list).
+    fn attempt_in(&self, zone: &str) -> Attempt {
+        let served = lock(&self.serving).unwrap_or(Attempt {
+            zone: 0,
+            machine_type: 0,
+            model: self.spec.provisioning,
+        });
+        Attempt {
+            zone: self.spec.zones.iter().position(|z| z == zone).unwrap_or(0),
+            ..served
+        }
+    }
+
+    fn describe(&self, a: &Attempt) -> String {
+        format!(
+            "{}/{}/{}",
+            self.spec.zones[a.zone],
+            self.spec.machine_types[a.machine_type],
+            a.model.api_name()
+        )
+    }
+
+    /// Every option refused: one error naming each attempt and its reason.
+    fn exhausted(&self, refused: &[(Attempt, GceError)]) -> GceError {
+        let tried: Vec<String> = refused
+            .iter()
+            .map(|(a, e)| format!("{}: {}", self.describe(a), e.reason()))
+            .collect();
+        let (reason, zone) = refused
+            .last()
+            .map(|(a, e)| (e.reason().to_owned(), self.spec.zones[a.zone].clone()))
+            .unwrap_or_default();
+        GceError::new(
+            GceErrorKind::NoCapacity,
+            "start",
+            reason,
+            format!(
+                "no capacity for any option ({} tried: {})",
+                tried.len(),
+                tried.join("; ")
+            ),
+        )
+        .at(&self.spec.name, &zone)
+    }
+
+    /// Deletes what a refused attempt left in `zone` (a 404 means nothing was left).
+    async fn clean_up(&self, zone: &str) {
+        let deadline = Instant::now() + self.stop_timeout;
         loop {
-            let Some(inst) = self.api.get().await? else {
+            match self.run_op(zone, "instances.delete", deadline).await {
+                Ok(()) => {
+                    info!(instance = %self.spec.name, zone, "deleted what the refused attempt left");
+                    return;
+                }
+                Err(e) if e.kind() == GceErrorKind::NotFound => return,
+                // Still settling after the refused operation: try again shortly.
+                Err(e) if e.kind() == GceErrorKind::NotReady && Instant::now() < deadline => {
+                    self.pause().await
+                }
+                Err(e) => {
+                    warn!(instance = %self.spec.name, zone, error = %e, "could not delete what the refused attempt left");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The instance of this name in the listed zones, one `aggregatedList` call. Several (two
+    /// replicas created it in two zones at once): the winner is the oldest (creation time,
+    /// then zone name); the others are left to their creators, which delete them.
+    async fn find(&self) -> Result<Option<Instance>, GceError> {
+        let mut found: Vec<Instance> = self
+            .api
+            .find_everywhere()
+            .await?
+            .into_iter()
+            .filter(|i| self.spec.zones.contains(&i.zone))
+            .collect();
+        found.sort_by_key(winner_order);
+        Ok(found.into_iter().next())
+    }
+
+    async fn start_vm(&self) -> Result<Endpoint, GceError> {
+        let deadline = Instant::now() + START_BACKSTOP;
+        let several = self.spec.zones.len() > 1;
+        let mut refused: Vec<(Attempt, GceError)> = Vec::new();
+        // A VM to bring up, and in which zone: from the list, or the zone it is believed in.
+        let mut target: Option<(String, Option<Instance>)> = if several {
+            self.find().await?.map(|i| (i.zone.clone(), Some(i)))
+        } else if self.exists_hint.load(Ordering::SeqCst) {
+            Some((self.zone_now(), None))
+        } else {
+            None
+        };
+        loop {
+            if let Some((zone, known)) = target.take() {
+                self.set_zone(&zone);
+                match self.drive(&zone, known, deadline).await? {
+                    Drive::Running(inst) => return self.serve(&zone, inst),
+                    Drive::Gone => self.exists_hint.store(false, Ordering::SeqCst),
+                    Drive::NoCapacity(e) => {
+                        let at = self.attempt_in(&zone);
+                        warn!(instance = %self.spec.name, zone, error = %e, "no capacity to start the instance here");
+                        refused.push((at, e));
+                        if self.next_attempt(&refused).is_none() {
+                            // Nothing else to try: keep the stopped VM (and its disk) for later.
+                            return Err(self.exhausted(&refused));
+                        }
+                        crate::telemetry::backend_call(&self.spec.name, "fallback", "capacity");
+                        self.clean_up(&zone).await;
+                        self.exists_hint.store(false, Ordering::SeqCst);
+                    }
+                }
+            }
+            let Some(at) = self.next_attempt(&refused) else {
+                return Err(self.exhausted(&refused));
+            };
+            let zone = self.spec.zones[at.zone].clone();
+            self.set_zone(&zone);
+            info!(instance = %self.spec.name, attempt = %self.describe(&at), "creating the instance");
+            let mut body = self.spec.insert_body_for(&at);
+            let now = unix_now() as u64;
+            // The activity label travels with the insert: no setLabels for a new VM.
+            body["labels"][ACTIVE_LABEL] = Value::String(now.to_string());
+            // Ours from now on, even if the insert's operation never ends.
+            let before = self.last_written.swap(now, Ordering::SeqCst);
+            let outcome = match self.api.insert(&zone, &body).await {
+                Ok(op) => self
+                    .api
+                    .wait(&zone, "instances.insert", op, deadline)
+                    .await
+                    .map(drop),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    *lock(&self.serving) = Some(at);
+                    self.exists_hint.store(true, Ordering::SeqCst);
+                    if !several {
+                        target = Some((zone, None));
+                        continue;
+                    }
+                    // Another replica may have created it in another zone meanwhile.
+                    match self.find().await? {
+                        Some(w) if w.zone != zone => {
+                            warn!(instance = %self.spec.name, ours = %zone, theirs = %w.zone,
+                                "created in two zones at once; the older one stays, deleting ours");
+                            crate::telemetry::backend_call(
+                                &self.spec.name,
+                                "fallback",
+                                "duplicate",
+                            );
+                            self.clean_up(&zone).await;
+                            target = Some((w.zone.clone(), Some(w)));
+                        }
+                        Some(ours) => target = Some((zone, Some(ours))),
+                        None => target = Some((zone, None)),
+                    }
+                }
+                Err(e) if e.kind() == GceErrorKind::AlreadyExists => {
+                    // Our label did not go in.
+                    self.last_written.store(before, Ordering::SeqCst);
+                    info!(instance = %self.spec.name, zone, "it exists already (another replica, or from before); using it");
+                    self.exists_hint.store(true, Ordering::SeqCst);
+                    target = Some((zone, None));
+                }
+                Err(e) if e.kind() == GceErrorKind::NoCapacity => {
+                    warn!(instance = %self.spec.name, attempt = %self.describe(&at), error = %e, "no capacity; trying the next option");
+                    crate::telemetry::backend_call(&self.spec.name, "fallback", "capacity");
+                    refused.push((at, e));
+                    self.clean_up(&zone).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The VM runs in `zone`: remember it and answer its address.
+    fn serve(&self, zone: &str, inst: Instance) -> Result<Endpoint, GceError> {
+        let ep = self.endpoint_of(&inst)?;
+        self.exists_hint.store(true, Ordering::SeqCst);
+        self.set_zone(zone);
+        let served = *lock(&self.serving);
+        if served.is_none_or(|a| self.spec.zones[a.zone] != zone) {
+            let here = self.attempt_in(zone);
+            *lock(&self.serving) = Some(here);
+        }
+        *lock(&self.seen) = Some(inst);
+        Ok(ep)
+    }
+
+    async fn stop_vm(&self) -> Result<(), GceError> {
+        let deadline = Instant::now() + self.stop_timeout;
+        let zone = self.zone_now();
+        let zone = zone.as_str();
+        loop {
+            let Some(inst) = self.api.get(zone).await? else {
+                self.exists_hint.store(false, Ordering::SeqCst);
                 return Ok(());
             };
             let status = inst.status.as_str();
@@ -569,26 +937,24 @@ impl GceBackend {
                 (StopPolicy::Suspend, "RUNNING") => "instances.suspend",
                 _ => {
                     if Instant::now() >= deadline {
-                        return Err(GceError::new(
-                            GceErrorKind::Other,
-                            "stop",
-                            status.to_owned(),
-                            "the instance did not settle in time",
-                        )
-                        .at(&self.spec.name, &self.spec.zone));
+                        return Err(self.timeout("stop", zone, status));
                     }
                     self.pause().await;
                     continue;
                 }
             };
-            info!(instance = %self.spec.name, status, call, "taking the instance down");
-            let result = match self.api.action(call).await {
-                Ok(op) => self.api.wait(call, op).await.map(drop),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == GceErrorKind::NotFound => return Ok(()),
+            info!(instance = %self.spec.name, zone, status, call, "taking the instance down");
+            match self.run_op(zone, call, deadline).await {
+                Ok(()) => {
+                    if self.stop_policy == StopPolicy::Delete {
+                        self.exists_hint.store(false, Ordering::SeqCst);
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == GceErrorKind::NotFound => {
+                    self.exists_hint.store(false, Ordering::SeqCst);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == GceErrorKind::NotReady && Instant::now() < deadline => {
                     self.pause().await
                 }
@@ -598,7 +964,7 @@ impl GceBackend {
     }
 
     async fn status_now(&self) -> Result<Status, GceError> {
-        let Some(inst) = self.api.get().await? else {
+        let Some(inst) = self.api.get(&self.zone_now()).await? else {
             return Ok(Status::Gone);
         };
         Ok(match inst.status.as_str() {
@@ -608,14 +974,29 @@ impl GceBackend {
         })
     }
 
-    /// Sets `vmproxy-active=<now>`, compare-and-set on the label fingerprint; `known` is a
-    /// fresh copy of the instance to start from, if the caller has one.
-    async fn record(&self, mut known: Option<Instance>) -> Result<(), GceError> {
+    /// Sets `vmproxy-active=<now>`, compare-and-set on the label fingerprint. The first record
+    /// after a start uses the instance the start saw (no `get`), and writes nothing when the
+    /// label is the one this replica's insert just wrote. A VM found running is always
+    /// labelled: other replicas tell from it that this one uses the VM.
+    async fn record(&self) -> Result<(), GceError> {
+        let zone = self.zone_now();
+        let mut known = lock(&self.seen).take();
+        if let Some(inst) = &known {
+            let ours = self.last_written.load(Ordering::SeqCst);
+            let label = inst
+                .labels
+                .get(ACTIVE_LABEL)
+                .and_then(|v| v.parse::<u64>().ok());
+            if label == Some(ours) && (unix_now() as u64).saturating_sub(ours) < FRESH_LABEL {
+                debug!(instance = %self.spec.name, "activity label fresh from our insert; not rewritten");
+                return Ok(());
+            }
+        }
         let mut last = None;
         for _ in 0..5 {
             let inst = match known.take() {
                 Some(inst) => inst,
-                None => match self.api.get().await? {
+                None => match self.api.get(&zone).await? {
                     Some(inst) => inst,
                     None => return Ok(()),
                 },
@@ -624,8 +1005,17 @@ impl GceBackend {
             let now = unix_now() as u64;
             labels.insert(ACTIVE_LABEL.to_owned(), now.to_string());
             let fingerprint = inst.label_fingerprint.unwrap_or_default();
-            let result = match self.api.set_labels(&labels, &fingerprint).await {
-                Ok(op) => self.api.wait("instances.setLabels", op).await.map(drop),
+            let result = match self.api.set_labels(&zone, &labels, &fingerprint).await {
+                Ok(op) => self
+                    .api
+                    .wait(
+                        &zone,
+                        "instances.setLabels",
+                        op,
+                        Instant::now() + self.stop_timeout,
+                    )
+                    .await
+                    .map(drop),
                 Err(e) => Err(e),
             };
             match result {
@@ -648,13 +1038,13 @@ impl GceBackend {
     async fn active_label(&self) -> Result<Option<u64>, GceError> {
         Ok(self
             .api
-            .get()
+            .get(&self.zone_now())
             .await?
             .and_then(|inst| inst.labels.get(ACTIVE_LABEL).and_then(|v| v.parse().ok())))
     }
 
     async fn idle_check(&self, idle_timeout: Duration) -> Result<bool, GceError> {
-        let Some(inst) = self.api.get().await? else {
+        let Some(inst) = self.api.get(&self.zone_now()).await? else {
             return Ok(true);
         };
         let Some(at) = inst
@@ -668,6 +1058,51 @@ impl GceBackend {
         debug!(instance = %self.spec.name, age_s = age, "last activity recorded on the instance");
         Ok(age >= idle_timeout.as_secs_f64())
     }
+}
+
+/// What bringing an existing instance up came to.
+enum Drive {
+    Running(Instance),
+    /// It does not exist (any more).
+    Gone,
+    /// `instances.start`/`resume` was refused for lack of capacity.
+    NoCapacity(GceError),
+}
+
+/// The order deciding which of several same-named VMs stays: the oldest by creation time
+/// (RFC 3339 in UTC offset, compared as an instant), then the smaller zone name.
+fn winner_order(i: &Instance) -> (i128, String) {
+    (
+        rfc3339_millis(&i.creation_timestamp).unwrap_or(i128::MAX),
+        i.zone.clone(),
+    )
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time with any offset
+/// (`2024-05-01T10:00:00.123-07:00`), which Compute Engine uses.
+fn rfc3339_millis(s: &str) -> Option<i128> {
+    let s = s.trim();
+    let (main, offset_min): (&str, i128) = if let Some(m) = s.strip_suffix('Z') {
+        (m, 0)
+    } else {
+        let cut = s.len().checked_sub(6)?;
+        let (m, off) = s.split_at(cut);
+        let sign = match off.as_bytes().first()? {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let h: i128 = off.get(1..3)?.parse().ok()?;
+        let mi: i128 = off.get(4..6)?.parse().ok()?;
+        (m, sign * (h * 60 + mi))
+    };
+    let t = humantime::parse_rfc3339_weak(main).ok()?;
+    let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis() as i128;
+    Some(ms - offset_min * 60_000)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Backend for GceBackend {
@@ -692,7 +1127,7 @@ impl Backend for GceBackend {
     }
 
     fn record_activity(&self) -> BackendFuture<'_, ()> {
-        Box::pin(async move { Ok(self.record(None).await?) })
+        Box::pin(async move { Ok(self.record().await?) })
     }
 
     fn idle_everywhere(&self, idle_timeout: Duration) -> BackendFuture<'_, bool> {

@@ -28,12 +28,65 @@ pub enum TerminationAction {
     Delete,
 }
 
+/// How the VM is provisioned (`scheduling.provisioningModel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisioningModel {
+    /// Spot: heavily discounted, may be reclaimed at any time (the default).
+    #[default]
+    Spot,
+    /// Standard: no discount, runs until stopped.
+    Standard,
+    /// Flex-start: queued for scarce hardware (GPUs), runs at most `max_run_duration`, then is
+    /// deleted.
+    FlexStart,
+}
+
+impl ProvisioningModel {
+    /// The discovery document's enum value.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            ProvisioningModel::Spot => "SPOT",
+            ProvisioningModel::Standard => "STANDARD",
+            ProvisioningModel::FlexStart => "FLEX_START",
+        }
+    }
+}
+
+/// A GPU (or other accelerator) to attach: `{ type = "nvidia-l4", count = 1 }`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accelerator {
+    /// The accelerator type's name in the zone, e.g. `nvidia-l4`, `nvidia-tesla-t4`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// How many (default 1).
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// Everything needed to create the instance; checked by [`InstanceSpec::validate`].
 #[derive(Clone, Debug)]
 pub(crate) struct InstanceSpec {
     pub(crate) name: String,
+    /// The first zone (the one-zone form).
     pub(crate) zone: String,
+    /// Every zone to try, in order (`[zone]` unless a list was given).
+    pub(crate) zones: Vec<String>,
     pub(crate) machine_type: String,
+    /// Machine types to try, in order (`[machine_type]` unless a list was given); bare names.
+    pub(crate) machine_types: Vec<String>,
+    pub(crate) accelerators: Vec<Accelerator>,
+    pub(crate) provisioning: ProvisioningModel,
+    /// After every zone and shape refused Spot, try standard provisioning.
+    pub(crate) spot_fallback: bool,
+    pub(crate) max_run_duration: Option<std::time::Duration>,
+    /// Whether `termination_action` was set explicitly.
+    pub(crate) termination_action_set: bool,
     pub(crate) image: String,
     pub(crate) disk_size_gb: Option<u64>,
     pub(crate) disk_type: Option<String>,
@@ -45,7 +98,6 @@ pub(crate) struct InstanceSpec {
     pub(crate) metadata: BTreeMap<String, String>,
     pub(crate) service_account: Option<String>,
     pub(crate) scopes: Vec<String>,
-    pub(crate) spot: bool,
     pub(crate) termination_action: TerminationAction,
     pub(crate) port: u16,
 }
@@ -149,21 +201,29 @@ pub(crate) fn normalize_image(image: &str) -> Result<String, ConfigError> {
     Ok(format!("global/images/{image}"))
 }
 
-/// `e2-small` → `zones/Z/machineTypes/e2-small`; anything with a `/` is kept.
+/// `e2-small` (or any URL ending in it) → `zones/Z/machineTypes/e2-small`: the zone is always
+/// the one of the attempt, so a fallback to another zone rewrites it.
 fn partial(kind: &str, zone: &str, value: &str) -> String {
-    if value.contains('/') {
-        value.to_owned()
-    } else {
-        format!("zones/{zone}/{kind}/{value}")
-    }
+    let bare = value.rsplit('/').next().unwrap_or(value);
+    format!("zones/{zone}/{kind}/{bare}")
 }
+
+/// The longest run Compute Engine accepts for `maxRunDuration` (Flex-start: 7 days).
+const MAX_RUN_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 impl InstanceSpec {
     pub(crate) fn new(zone: String, name: String) -> Self {
         InstanceSpec {
             name,
+            zones: Vec::new(),
             zone,
             machine_type: DEFAULT_MACHINE_TYPE.to_owned(),
+            machine_types: Vec::new(),
+            accelerators: Vec::new(),
+            provisioning: ProvisioningModel::Spot,
+            spot_fallback: false,
+            max_run_duration: None,
+            termination_action_set: false,
             image: DEFAULT_IMAGE.to_owned(),
             disk_size_gb: None,
             disk_type: None,
@@ -175,7 +235,6 @@ impl InstanceSpec {
             metadata: BTreeMap::new(),
             service_account: None,
             scopes: Vec::new(),
-            spot: true,
             termination_action: TerminationAction::Stop,
             port: 80,
         }
@@ -189,16 +248,89 @@ impl InstanceSpec {
                 format!("{:?} is not a valid instance name: 1-63 characters, [a-z](?:[-a-z0-9]{{0,61}}[a-z0-9])?", self.name),
             ));
         }
-        if !is_rfc1035_name(&self.zone) || !self.zone.contains('-') {
+        let field = if self.zones.is_empty() {
+            self.zones = vec![self.zone.clone()];
+            "zone"
+        } else {
+            "zones"
+        };
+        for (i, zone) in self.zones.iter().enumerate() {
+            if !is_rfc1035_name(zone) || !zone.contains('-') {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{zone:?} is not a zone name like us-central1-a"),
+                ));
+            }
+            if self.zones[..i].contains(zone) {
+                return Err(ConfigError::new(field, format!("{zone:?} is listed twice")));
+            }
+        }
+        self.zone = self.zones[0].clone();
+        let field = if self.machine_types.is_empty() {
+            self.machine_types = vec![self.machine_type.clone()];
+            "machine_type"
+        } else {
+            "machine_types"
+        };
+        for mt in &mut self.machine_types {
+            let bare = mt.trim().rsplit('/').next().unwrap_or("").to_owned();
+            if !is_rfc1035_name(&bare) && !bare.starts_with("custom-") {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{mt:?} is not a machine type like e2-small"),
+                ));
+            }
+            *mt = bare;
+        }
+        self.machine_type = partial("machineTypes", &self.zone, &self.machine_types[0]);
+        for a in &self.accelerators {
+            if !is_rfc1035_name(&a.kind) {
+                return Err(ConfigError::new(
+                    "accelerators",
+                    format!("{:?} is not an accelerator type like nvidia-l4", a.kind),
+                ));
+            }
+            if a.count == 0 {
+                return Err(ConfigError::new(
+                    "accelerators",
+                    format!("{}: count must be at least 1", a.kind),
+                ));
+            }
+        }
+        if let Some(d) = self.max_run_duration {
+            if d < std::time::Duration::from_secs(30) || d > MAX_RUN_DURATION {
+                return Err(ConfigError::new(
+                    "max_run_duration",
+                    "must be between 30 seconds and 7 days",
+                ));
+            }
+        }
+        match self.provisioning {
+            ProvisioningModel::FlexStart => {
+                if self.max_run_duration.is_none() {
+                    return Err(ConfigError::new(
+                        "max_run_duration",
+                        "flex-start VMs need a max_run_duration (e.g. \"4h\")",
+                    ));
+                }
+                if self.termination_action_set
+                    && self.termination_action != TerminationAction::Delete
+                {
+                    return Err(ConfigError::new(
+                        "termination_action",
+                        "flex-start VMs are deleted at the end of their run (termination_action = \"delete\")",
+                    ));
+                }
+                self.termination_action = TerminationAction::Delete;
+            }
+            ProvisioningModel::Standard | ProvisioningModel::Spot => {}
+        }
+        if self.spot_fallback && self.provisioning != ProvisioningModel::Spot {
             return Err(ConfigError::new(
-                "zone",
-                format!("{:?} is not a zone name like us-central1-a", self.zone),
+                "spot_fallback",
+                "falls back from Spot to standard: it needs provisioning_model = \"spot\"",
             ));
         }
-        if self.machine_type.trim().is_empty() {
-            return Err(ConfigError::new("machine_type", "must not be empty"));
-        }
-        self.machine_type = partial("machineTypes", &self.zone, self.machine_type.trim());
         self.image = normalize_image(&self.image)?;
         if let Some(size) = self.disk_size_gb {
             if size < 10 {
@@ -212,7 +344,7 @@ impl InstanceSpec {
             if t.trim().is_empty() {
                 return Err(ConfigError::new("disk_type", "must not be empty"));
             }
-            self.disk_type = Some(partial("diskTypes", &self.zone, t.trim()));
+            self.disk_type = Some(t.trim().to_owned());
         }
         if self.network.trim().is_empty() {
             return Err(ConfigError::new("network", "must not be empty"));
@@ -221,13 +353,11 @@ impl InstanceSpec {
             self.network = format!("global/networks/{}", self.network.trim());
         }
         if let Some(s) = &self.subnetwork {
-            if !s.contains('/') {
-                self.subnetwork = Some(format!(
-                    "regions/{}/subnetworks/{}",
-                    region_of(&self.zone),
-                    s.trim()
-                ));
+            if s.trim().is_empty() {
+                return Err(ConfigError::new("subnetwork", "must not be empty"));
             }
+            // A bare name is resolved per zone (in its region) by `insert_body`.
+            self.subnetwork = Some(s.trim().to_owned());
         }
         for tag in &self.tags {
             if !is_rfc1035_name(tag) {
@@ -307,18 +437,56 @@ impl InstanceSpec {
         Ok(self)
     }
 
-    /// The `instances.insert` body (field names from the v1 discovery document).
+    /// Every attempt a start may make, in order: for each provisioning model (Spot, then
+    /// standard if `spot_fallback`), each machine type, each zone.
+    pub(crate) fn attempts(&self) -> Vec<Attempt> {
+        let mut models = vec![self.provisioning];
+        if self.spot_fallback {
+            models.push(ProvisioningModel::Standard);
+        }
+        let mut out = Vec::new();
+        for &model in &models {
+            for machine_type in 0..self.machine_types.len() {
+                for zone in 0..self.zones.len() {
+                    out.push(Attempt {
+                        zone,
+                        machine_type,
+                        model,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The first attempt's `instances.insert` body.
     pub(crate) fn insert_body(&self) -> Value {
+        self.insert_body_for(&Attempt {
+            zone: 0,
+            machine_type: 0,
+            model: self.provisioning,
+        })
+    }
+
+    /// The `instances.insert` body of one attempt (field names from the v1 discovery
+    /// document): every zonal URL names the attempt's zone.
+    pub(crate) fn insert_body_for(&self, at: &Attempt) -> Value {
+        let zone = &self.zones[at.zone];
         let mut init = json!({ "sourceImage": self.image });
         if let Some(size) = self.disk_size_gb {
             // int64 fields travel as JSON strings.
             init["diskSizeGb"] = json!(size.to_string());
         }
         if let Some(t) = &self.disk_type {
-            init["diskType"] = json!(t);
+            init["diskType"] = json!(partial("diskTypes", zone, t));
         }
         let mut nic = json!({ "network": self.network });
         if let Some(s) = &self.subnetwork {
+            let s = if s.contains('/') {
+                s.clone()
+            } else {
+                format!("regions/{}/subnetworks/{s}", region_of(zone))
+            };
             nic["subnetwork"] = json!(s);
         }
         if self.external_ip {
@@ -329,23 +497,52 @@ impl InstanceSpec {
             .iter()
             .map(|(k, v)| json!({ "key": k, "value": v }))
             .collect();
-        let scheduling = if self.spot {
-            json!({
+        let action = match self.termination_action {
+            TerminationAction::Stop => "STOP",
+            TerminationAction::Delete => "DELETE",
+        };
+        let mut scheduling = match at.model {
+            ProvisioningModel::Spot => json!({
                 "provisioningModel": "SPOT",
-                "instanceTerminationAction": match self.termination_action {
-                    TerminationAction::Stop => "STOP",
-                    TerminationAction::Delete => "DELETE",
-                },
+                "instanceTerminationAction": action,
                 "automaticRestart": false,
                 "onHostMaintenance": "TERMINATE",
-            })
-        } else {
-            json!({ "provisioningModel": "STANDARD", "automaticRestart": true, "onHostMaintenance": "MIGRATE" })
+            }),
+            ProvisioningModel::FlexStart => json!({
+                "provisioningModel": "FLEX_START",
+                "instanceTerminationAction": "DELETE",
+                "automaticRestart": false,
+                "onHostMaintenance": "TERMINATE",
+            }),
+            ProvisioningModel::Standard => json!({
+                "provisioningModel": "STANDARD",
+                "automaticRestart": true,
+                // GPUs cannot live-migrate: Compute Engine refuses MIGRATE with them.
+                "onHostMaintenance": if self.accelerators.is_empty() { "MIGRATE" } else { "TERMINATE" },
+            }),
         };
+        if let Some(d) = self.max_run_duration {
+            // A Duration object: seconds is an int64, so a JSON string; nanos an int32.
+            scheduling["maxRunDuration"] =
+                json!({ "seconds": d.as_secs().to_string(), "nanos": d.subsec_nanos() });
+            // What happens at the end of the run.
+            scheduling["instanceTerminationAction"] = json!(match at.model {
+                ProvisioningModel::FlexStart => "DELETE",
+                _ => action,
+            });
+        }
+        let mut labels = self.labels.clone();
+        if at.model != self.provisioning {
+            // So that the fallback is visible on the VM itself.
+            labels.insert(
+                "vmproxy-provisioning".to_owned(),
+                at.model.api_name().to_ascii_lowercase(),
+            );
+        }
         let mut body = json!({
             "name": self.name,
             "description": "Started on demand by vmproxy",
-            "machineType": self.machine_type,
+            "machineType": partial("machineTypes", zone, &self.machine_types[at.machine_type]),
             "disks": [{
                 "boot": true,
                 "autoDelete": true,
@@ -354,9 +551,22 @@ impl InstanceSpec {
             }],
             "networkInterfaces": [nic],
             "metadata": { "items": items },
-            "labels": self.labels,
+            "labels": labels,
             "scheduling": scheduling,
         });
+        if !self.accelerators.is_empty() {
+            let gpus: Vec<Value> = self
+                .accelerators
+                .iter()
+                .map(|a| {
+                    json!({
+                        "acceleratorType": partial("acceleratorTypes", zone, &a.kind),
+                        "acceleratorCount": a.count,
+                    })
+                })
+                .collect();
+            body["guestAccelerators"] = json!(gpus);
+        }
         if !self.tags.is_empty() {
             body["tags"] = json!({ "items": self.tags });
         }
@@ -365,6 +575,15 @@ impl InstanceSpec {
         }
         body
     }
+}
+
+/// One way of creating the VM: indexes into the spec's zones and machine types, and a
+/// provisioning model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Attempt {
+    pub(crate) zone: usize,
+    pub(crate) machine_type: usize,
+    pub(crate) model: ProvisioningModel,
 }
 
 #[cfg(test)]
