@@ -41,3 +41,50 @@ async fn a_machine_that_cannot_be_stopped_is_named_and_the_exit_is_non_zero() {
     );
     let _: SocketAddr = proxy.addr;
 }
+
+/// A VM created for a start whose readiness never passes is deleted on shutdown, not left
+/// billing while the proxy waits out `start_timeout`.
+#[tokio::test]
+async fn sigterm_during_a_vm_start_that_never_becomes_ready_deletes_the_vm_and_exits_0() {
+    let emu = gce_support::emulator().await;
+    emu.set_never_healthy(true);
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n\n[[route]]\npath = \"/vm\"\nstrip_prefix = true\n\
+         health_path = \"/healthz\"\nstart_timeout = \"10m\"\n\n[route.gce]\nendpoint = \"{}\"\nzone = \"{}\"\ninstance = \"never-ready\"\nport = {}\n",
+        emu.compute_base(),
+        gce_support::ZONE,
+        gce_support::PORT
+    );
+    let mut proxy = Proxy::start(&config, &[("GCE_METADATA_HOST", &emu.metadata_host())]);
+    let addr = proxy.addr;
+    let parked = tokio::spawn(async move {
+        let req = http::Request::get("/vm/hello")
+            .header("host", "front.test")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        common::send(addr, req).await.map(|res| res.status())
+    });
+    common::eventually(std::time::Duration::from_secs(20), || {
+        proxy.log().contains("probing readiness")
+    })
+    .await;
+    let created = emu.instance(gce_support::ZONE, "never-ready");
+    assert_eq!(created.map(|i| i.status).as_deref(), Some("RUNNING"));
+
+    // Bounded (60 s): on a hang the test fails instead of waiting for start_timeout.
+    let code = proxy.signal_and_wait(Signal::SIGTERM).await;
+    let log = proxy.log();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("start cancelled"), "{log}");
+    assert!(
+        emu.instance(gce_support::ZONE, "never-ready").is_none(),
+        "the VM is left running:\n{log}"
+    );
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), parked)
+        .await
+        .expect("the parked request hangs")
+        .unwrap();
+    if let Ok(status) = answer {
+        assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
