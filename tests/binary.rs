@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::binary::{check, Proxy, TempFile, BIN};
+use common::binary::{check, Parked, Proxy, TempFile, BIN};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -290,14 +290,7 @@ async fn sigterm_during_a_start_that_never_becomes_ready_cancels_it_and_exits_0(
         );
     assert!(config.contains("\"/nope\"") && config.contains("\"1s\""));
     let mut r = start_binary_with(&config);
-    let addr = r.addr;
-    let parked = tokio::spawn(async move {
-        let req = http::Request::get("/app/")
-            .header("host", "front.test")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        common::send(addr, req).await.map(|res| res.status())
-    });
+    let parked = Parked::get(r.addr, "/app/");
     common::eventually(Duration::from_secs(20), || {
         r.proxy.log().contains("probing readiness")
     })
@@ -317,12 +310,7 @@ async fn sigterm_during_a_start_that_never_becomes_ready_cancels_it_and_exits_0(
         wait_gone(python).await,
         "the machine's process outlived the proxy:\n{log}"
     );
-    // The parked request is answered or its connection closed, not left hanging.
-    let answer = tokio::time::timeout(Duration::from_secs(5), parked)
-        .await
-        .expect("the parked request hangs")
-        .unwrap();
-    if let Ok(status) = answer {
-        assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
-    }
+    parked
+        .assert_refused_or_closed(Duration::from_secs(5))
+        .await;
 }

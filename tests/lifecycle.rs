@@ -409,15 +409,16 @@ async fn a_failed_start_leaves_a_machine_that_another_replica_uses() {
     );
 }
 
-/// A start whose readiness never comes, with a request parked on it; the machine's route waits
-/// (and lets the start run) for ten minutes.
-async fn a_start_that_never_becomes_ready() -> (FakeBackend, vmproxy::Handle, std::net::SocketAddr)
-{
+/// A machine whose readiness never comes; its start runs for `start_timeout`, and requests wait
+/// ten minutes.
+async fn never_ready(
+    start_timeout: Duration,
+) -> (FakeBackend, vmproxy::Handle, std::net::SocketAddr) {
     let backend = FakeBackend::new(Duration::ZERO);
     backend.knobs.unhealthy.store(true, Ordering::SeqCst);
     let route = route(backend.clone())
         .cold_start_timeout(Duration::from_secs(600))
-        .start_timeout(Duration::from_secs(600))
+        .start_timeout(start_timeout)
         .build()
         .unwrap();
     let handle = route.handle();
@@ -427,7 +428,7 @@ async fn a_start_that_never_becomes_ready() -> (FakeBackend, vmproxy::Handle, st
 
 #[tokio::test]
 async fn a_forced_stop_cancels_a_start_that_never_becomes_ready_and_answers_its_waiter() {
-    let (backend, handle, addr) = a_start_that_never_becomes_ready().await;
+    let (backend, handle, addr) = never_ready(Duration::from_secs(600)).await;
     let parked = tokio::spawn(async move { get_text(addr, "/app/x").await });
     eventually(Duration::from_secs(5), || {
         backend.starts() == 1 && handle.pending() == 1
@@ -465,7 +466,7 @@ async fn a_forced_stop_cancels_a_start_that_never_becomes_ready_and_answers_its_
 #[tokio::test(flavor = "current_thread")]
 async fn a_forced_stop_before_the_start_task_runs_is_not_lost() {
     use std::future::Future;
-    let (backend, handle, _addr) = a_start_that_never_becomes_ready().await;
+    let (backend, handle, _addr) = never_ready(Duration::from_secs(600)).await;
     // Admitted (the start task spawned, not yet run on this one thread), then cancelled.
     let h = handle.clone();
     let mut start = Box::pin(async move { h.start().await });
@@ -488,14 +489,7 @@ async fn a_forced_stop_before_the_start_task_runs_is_not_lost() {
 
 #[tokio::test]
 async fn a_stop_asked_during_a_start_returns_when_the_start_fails() {
-    let backend = FakeBackend::new(Duration::ZERO);
-    backend.knobs.unhealthy.store(true, Ordering::SeqCst);
-    let route = route(backend.clone())
-        .start_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let handle = route.handle();
-    let addr = front(route).await;
+    let (backend, handle, addr) = never_ready(Duration::from_millis(300)).await;
     let parked = tokio::spawn(async move { get_text(addr, "/app/x").await });
     eventually(Duration::from_secs(5), || handle.state() == State::Creating).await;
     tokio::time::timeout(Duration::from_secs(10), handle.stop())

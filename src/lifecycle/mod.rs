@@ -829,8 +829,9 @@ impl Handle {
     }
 
     /// Takes the machine down now: requests in flight finish first; requests that arrive
-    /// meanwhile wait and start it again. Returns once the stop is done (at once if the machine
-    /// is not running).
+    /// meanwhile wait and start it again. A start in flight is let finish, then stopped. Returns
+    /// once the stop is done, or the start ended without a machine (it failed); at once if the
+    /// machine is absent.
     pub async fn stop(&self) {
         self.stop_with(Machine::begin_stop).await;
     }
