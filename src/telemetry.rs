@@ -110,7 +110,7 @@ pub fn describe() {
     );
     describe_counter!(
         COLD_STARTS_TOTAL,
-        "Machine starts by result: ok, failed, timeout (start_timeout exceeded)."
+        "Machine starts by result: ok, failed, timeout (start_timeout exceeded), cancelled (by a forced stop)."
     );
     describe_histogram!(
         COLD_START_SECONDS,
@@ -225,6 +225,8 @@ pub(crate) enum StartResult {
     Ok,
     Failed,
     Timeout,
+    /// Cancelled by a forced stop.
+    Cancelled,
 }
 
 /// One start's outcome, and its phases when it succeeded.
@@ -234,6 +236,7 @@ pub(crate) fn cold_start(machine: &Arc<str>, result: StartResult, timings: Optio
         StartResult::Ok => "ok",
         StartResult::Failed => "failed",
         StartResult::Timeout => "timeout",
+        StartResult::Cancelled => "cancelled",
     };
     metrics::counter!(COLD_STARTS_TOTAL, "machine" => name.clone(), "result" => result)
         .increment(1);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::binary::{check, Proxy, TempFile, BIN};
+use common::binary::{check, Parked, Proxy, TempFile, BIN};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -433,4 +433,41 @@ fn configs_that_cannot_serve_exit_2_and_a_portless_command_warns() {
         stderr.contains("WARN") && stderr.contains("route[0].process.command"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn sigterm_during_a_start_that_never_becomes_ready_cancels_it_and_exits_0() {
+    // The process runs, but its readiness probe never passes; the start would go on for ten
+    // minutes.
+    let config = GOOD
+        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"")
+        .replace(
+            "health_path = \"/\"",
+            "health_path = \"/nope\"\nstart_timeout = \"10m\"",
+        );
+    assert!(config.contains("\"/nope\"") && config.contains("\"1s\""));
+    let mut r = start_binary_with(&config);
+    let parked = Parked::get(r.addr, "/app/");
+    common::eventually(Duration::from_secs(20), || {
+        r.proxy.log().contains("probing readiness")
+    })
+    .await;
+    let python = backend_pid(&r);
+    let _guard = KillOnDrop(python);
+    assert!(common::alive(python as u32));
+
+    // Bounded (60 s): on a hang the test fails instead of waiting for start_timeout.
+    let signalled = Instant::now();
+    let code = r.proxy.signal_and_wait(Signal::SIGTERM).await;
+    let log = r.proxy.log();
+    assert_eq!(code, Some(0), "nothing is left running, so exit 0:\n{log}");
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    assert!(log.contains("start cancelled"), "{log}");
+    assert!(
+        wait_gone(python).await,
+        "the machine's process outlived the proxy:\n{log}"
+    );
+    parked
+        .assert_refused_or_closed(Duration::from_secs(5))
+        .await;
 }

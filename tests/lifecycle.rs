@@ -408,3 +408,109 @@ async fn a_failed_start_leaves_a_machine_that_another_replica_uses() {
         "another replica serves through it: no cleanup stop"
     );
 }
+
+/// A machine whose readiness never comes; its start runs for `start_timeout`, and requests wait
+/// ten minutes.
+async fn never_ready(
+    start_timeout: Duration,
+) -> (FakeBackend, vmproxy::Handle, std::net::SocketAddr) {
+    let backend = FakeBackend::new(Duration::ZERO);
+    backend.knobs.unhealthy.store(true, Ordering::SeqCst);
+    let route = route(backend.clone())
+        .cold_start_timeout(Duration::from_secs(600))
+        .start_timeout(start_timeout)
+        .build()
+        .unwrap();
+    let handle = route.handle();
+    let addr = front(route).await;
+    (backend, handle, addr)
+}
+
+#[tokio::test]
+async fn a_forced_stop_cancels_a_start_that_never_becomes_ready_and_answers_its_waiter() {
+    let (backend, handle, addr) = never_ready(Duration::from_secs(600)).await;
+    let parked = tokio::spawn(async move { get_text(addr, "/app/x").await });
+    eventually(Duration::from_secs(5), || {
+        backend.starts() == 1 && handle.pending() == 1
+    })
+    .await;
+
+    // A graceful stop waits for the start to finish, as before.
+    let graceful = tokio::time::timeout(Duration::from_millis(300), handle.stop()).await;
+    assert!(graceful.is_err(), "a graceful stop waits for the start");
+    assert_eq!(handle.state(), State::Creating);
+
+    // A forced one cancels it and cleans up what it started (bounded, so a hang fails).
+    tokio::time::timeout(Duration::from_secs(10), handle.stop_now())
+        .await
+        .expect("stop_now waited for a start that never becomes ready");
+    assert_eq!(handle.state(), State::Absent);
+    assert_eq!(backend.stops(), 1, "what the start started is stopped");
+    assert_eq!(backend.addr(), None);
+
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(5), parked)
+        .await
+        .expect("the parked request was left hanging")
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("cancelled"), "{body}");
+    assert!(headers.contains_key(http::header::RETRY_AFTER));
+
+    // No back-off for a cancel: the next request starts the machine again at once.
+    backend.knobs.unhealthy.store(false, Ordering::SeqCst);
+    let (status, _, body) = get_text(addr, "/app/x").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(backend.starts(), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_forced_stop_before_the_start_task_runs_is_not_lost() {
+    use std::future::Future;
+    let (backend, handle, _addr) = never_ready(Duration::from_secs(600)).await;
+    // Admitted (the start task spawned, not yet run on this one thread), then cancelled.
+    let h = handle.clone();
+    let mut start = Box::pin(async move { h.start().await });
+    std::future::poll_fn(|cx| {
+        assert!(start.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    assert_eq!(handle.state(), State::Creating);
+    tokio::time::timeout(Duration::from_secs(10), handle.stop_now())
+        .await
+        .expect("the cancel was lost");
+    assert_eq!(handle.state(), State::Absent);
+    let error = start.await.unwrap_err();
+    assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(error.to_string().contains("cancelled"), "{error}");
+    assert!(backend.starts() <= 1);
+    assert_eq!(backend.stops(), 1, "cleaned up as a failed start is");
+}
+
+#[tokio::test]
+async fn a_stop_asked_during_a_start_returns_when_the_start_fails() {
+    let (backend, handle, addr) = never_ready(Duration::from_millis(300)).await;
+    let parked = tokio::spawn(async move { get_text(addr, "/app/x").await });
+    eventually(Duration::from_secs(5), || handle.state() == State::Creating).await;
+    tokio::time::timeout(Duration::from_secs(10), handle.stop())
+        .await
+        .expect("the stop waited for a stop that a failed start never makes");
+    assert_eq!(handle.state(), State::Absent);
+    assert_eq!(backend.stops(), 1);
+    let (status, _, body) = parked.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("start_timeout"), "{body}");
+}
+
+#[tokio::test]
+async fn stop_now_takes_down_an_idle_running_machine() {
+    let backend = FakeBackend::new(Duration::ZERO);
+    let route = route(backend.clone()).build().unwrap();
+    let handle = route.handle();
+    handle.start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), handle.stop_now())
+        .await
+        .expect("stop_now issued no stop");
+    assert_eq!(handle.state(), State::Absent);
+    assert_eq!(backend.stops(), 1);
+}

@@ -169,6 +169,10 @@ pub(crate) struct Machine {
     backoff_until: Option<Instant>,
     /// `stop()` was asked while a start was in flight.
     stop_after_start: bool,
+    /// A forced stop was asked while a start was in flight: its driver abandons the start. Only
+    /// set while Creating and cleared when a start begins, so a cancel asked before the driver
+    /// looks is not lost and never reaches a later start (there is one start per Creating).
+    cancel_start: bool,
     /// Stopping: the backend's stop was issued (it waits for in-flight requests first).
     stop_issued: bool,
     /// Running, but a connect error made us ask the backend whether the machine is still there.
@@ -200,6 +204,7 @@ impl Machine {
             last_failure: None,
             backoff_until: None,
             stop_after_start: false,
+            cancel_start: false,
             stop_issued: false,
             suspect: false,
             stopping_endpoint: None,
@@ -267,6 +272,9 @@ impl Machine {
         if matches!(state, State::Creating | State::Running(_)) {
             // Whatever wanted the machine has it now (or has its start under way).
             self.wanted = false;
+        }
+        if state == State::Creating {
+            self.cancel_start = false;
         }
         self.state = state;
         self.since = now;
@@ -387,6 +395,10 @@ impl Machine {
     /// The start task finished: the machine runs and answered its readiness probe.
     pub(crate) fn start_succeeded(&mut self, ep: Endpoint, now: Instant) -> Action {
         debug_assert_eq!(self.state, State::Creating);
+        debug_assert!(
+            !self.cancel_start,
+            "a cancelled start is cleaned up, not served"
+        );
         self.set(State::Running(ep), now);
         self.generation += 1;
         self.last_active = now;
@@ -401,12 +413,29 @@ impl Machine {
         Action::None
     }
 
-    /// The start task failed: every waiter gets the error, and starts back off.
+    /// The start task failed, or was cancelled by a forced stop, and whatever it started was
+    /// cleaned up: every waiter gets the error. A failure makes starts back off; a cancelled
+    /// start failed at nothing, so the next request may start the machine at once.
     pub(crate) fn start_failed(&mut self, error: Arc<BoxError>, now: Instant) {
         debug_assert_eq!(self.state, State::Creating);
         self.set(State::Absent, now);
         self.stop_after_start = false;
-        self.fail(error, now);
+        if std::mem::take(&mut self.cancel_start) {
+            // Nothing left to start for: the forced stop answers every wish as it answers the
+            // waiters, with the error.
+            self.wanted = false;
+            self.failures += 1;
+            self.last_failure = Some(error);
+            self.backoff_until = None;
+        } else {
+            self.fail(error, now);
+        }
+    }
+
+    /// Whether a forced stop cancelled the start in flight. The start's driver asks under the
+    /// lock, so a start that became ready just as it was cancelled is taken down all the same.
+    pub(crate) fn start_cancelled(&self) -> bool {
+        self.state == State::Creating && self.cancel_start
     }
 
     /// A failed start (or a machine lost right after it): every waiter gets the error, and
@@ -496,10 +525,23 @@ impl Machine {
         }
     }
 
-    /// Take the machine down now, without waiting for requests in flight.
+    /// Take the machine down now, without waiting for requests in flight. A start in flight is
+    /// cancelled rather than waited for (its readiness may never come): its driver sees
+    /// [`start_cancelled`](Machine::start_cancelled), cleans up what it started and reports
+    /// [`start_failed`](Machine::start_failed).
     pub(crate) fn force_stop(&mut self, now: Instant) -> Action {
-        if let State::Running(_) = self.state {
-            let _ = self.begin_stop(now);
+        match self.state {
+            State::Running(_) => {
+                // Nothing in flight: begin_stop has issued the stop itself.
+                if self.begin_stop(now) == Action::Stop {
+                    return Action::Stop;
+                }
+            }
+            State::Creating => {
+                self.cancel_start = true;
+                return Action::None;
+            }
+            State::Absent | State::Stopping => {}
         }
         if self.state == State::Stopping && !self.stop_issued {
             self.stop_issued = true;
@@ -845,8 +887,113 @@ mod tests {
         let _ = wait(m.admit(t, None));
         m.abandon();
         assert_eq!(m.begin_stop(t), Action::None);
+        assert!(
+            !m.start_cancelled(),
+            "a graceful stop lets the start finish"
+        );
         assert_eq!(m.start_succeeded(ep(1), t), Action::Stop);
         assert_eq!(m.state(), State::Stopping);
+    }
+
+    #[test]
+    fn a_forced_stop_cancels_the_start_and_its_waiters_get_the_error_without_a_back_off() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, act) = wait(m.admit(t, None));
+        assert_eq!(act, Action::Start);
+        assert!(!m.start_cancelled());
+        assert_eq!(
+            m.force_stop(t),
+            Action::None,
+            "the start's driver cleans up, no stop of its own"
+        );
+        assert!(m.start_cancelled());
+        assert_eq!(m.force_stop(t), Action::None, "asked twice, cancelled once");
+        // Until the cleanup is done the machine stays Creating: nothing starts it meanwhile.
+        assert_eq!(m.state(), State::Creating);
+        let (b, act) = wait(m.admit(t, None));
+        assert_eq!(act, Action::None);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::None)));
+        assert!(matches!(m.claim(a, t), Claim::Wait));
+
+        let later = t + Duration::from_millis(200);
+        m.start_failed(err("cancelled"), later);
+        assert_eq!(m.state(), State::Absent);
+        assert!(!m.start_cancelled());
+        for ticket in [a, b] {
+            match m.claim(ticket, later) {
+                Claim::Failed { error, retry_after } => {
+                    assert_eq!(error.to_string(), "cancelled");
+                    assert_eq!(retry_after, Duration::ZERO, "no back-off to wait out");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(m.pending(), 0);
+        // The next request starts it at once, and that start is not cancelled.
+        let (c, act) = wait(m.admit(later, None));
+        assert_eq!(act, Action::Start);
+        assert!(!m.start_cancelled());
+        // A cancelled start is no failed one: a real failure next backs off from the start.
+        m.start_failed(err("boom"), later);
+        assert!(
+            matches!(m.claim(c, later), Claim::Failed { retry_after, .. } if retry_after == Duration::from_secs(1))
+        );
+        assert_eq!(
+            backing_off(&mut m, later),
+            ("boom".to_owned(), Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn a_cancel_never_reaches_a_later_start() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        // Asked when nothing starts: nothing to cancel, now or later.
+        assert_eq!(m.force_stop(t), Action::None);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::Start)));
+        assert!(!m.start_cancelled());
+        // Cancelled, cleaned up; a page starts it again: the new start runs to the end.
+        assert_eq!(m.force_stop(t), Action::None);
+        assert!(m.start_cancelled());
+        m.start_failed(err("cancelled"), t);
+        assert!(matches!(m.wake(t), Wake::NotYet(Action::Start)));
+        assert!(!m.start_cancelled());
+        assert_eq!(m.start_succeeded(ep(1), t), Action::None);
+        assert_eq!(m.state(), State::Running(ep(1)));
+        // Once running, a forced stop is a plain stop.
+        assert_eq!(m.force_stop(t), Action::Stop);
+        assert!(!m.start_cancelled());
+    }
+
+    #[test]
+    fn a_forced_stop_after_a_graceful_one_cancels_the_start_and_leaves_no_stop_pending() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, _) = wait(m.admit(t, None));
+        assert_eq!(m.begin_stop(t), Action::None);
+        assert!(!m.start_cancelled());
+        assert_eq!(m.force_stop(t), Action::None);
+        assert!(m.start_cancelled());
+        m.start_failed(err("cancelled"), t);
+        assert!(matches!(m.claim(a, t), Claim::Failed { .. }));
+        assert_eq!(m.state(), State::Absent);
+        // The graceful stop was answered by the cancel: the next run is not stopped on arrival.
+        run(&mut m, ep(2), t);
+        assert_eq!(m.state(), State::Running(ep(2)));
+    }
+
+    #[test]
+    fn a_start_that_fails_on_its_own_after_a_graceful_stop_backs_off() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let (a, _) = wait(m.admit(t, None));
+        assert_eq!(m.begin_stop(t), Action::None);
+        m.start_failed(err("boom"), t);
+        assert!(
+            matches!(m.claim(a, t), Claim::Failed { retry_after, .. } if retry_after == Duration::from_secs(1))
+        );
+        assert_eq!(m.state(), State::Absent);
     }
 
     #[test]

@@ -54,6 +54,11 @@ use machine::{Action, Admit, Claim, Deadline, Idle, Machine, Reject, Wake};
 use observed::Observed;
 pub use observed::{MachineStatus, StartPhase, StartTimings};
 
+/// Why the waiters of a start cancelled by [`Handle::stop_now`] get an error.
+fn cancelled() -> BoxError {
+    "the start was cancelled by a forced stop (the proxy is shutting down)".into()
+}
+
 /// What a request that will not wait finds: see [`Lifecycle::wake`].
 #[derive(Debug)]
 pub(crate) enum Woken {
@@ -90,7 +95,9 @@ pub(crate) struct Lifecycle {
     timings: Timings,
     probe: ProbeConfig,
     idle_timeout: Option<Duration>,
-    /// Completed stops, so `Handle::stop` can wait for the one it asked for.
+    /// Completed stops, so `Handle::stop` can wait for the one it asked for; a start that failed
+    /// or was cancelled counts too (the machine ends absent without a stop: a stop asked during
+    /// the start is done).
     stops: AtomicU64,
     /// What operators are shown; never consulted for a decision.
     observed: Mutex<Observed>,
@@ -464,23 +471,28 @@ impl Lifecycle {
     #[allow(clippy::manual_async_fn)]
     fn run_start(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
         async move {
+            // Subscribed before the first look at the cancel flag: a cancel decided after that
+            // look is a change this receiver sees.
+            let changes = self.tx.subscribe();
             self.observed().start_began(Instant::now());
-            let (outcome, result) = match tokio::time::timeout(
-                self.timings.start_timeout,
-                self.start_and_probe(),
-            )
-            .await
-            {
-                Ok(Ok(ep)) => (Ok(ep), StartResult::Ok),
-                Ok(Err(e)) => (Err(e), StartResult::Failed),
-                Err(_) => (
-                    Err(format!(
-                        "not ready within start_timeout ({})",
-                        humantime::format_duration(self.timings.start_timeout)
-                    )
-                    .into()),
-                    StartResult::Timeout,
-                ),
+            let started = tokio::time::timeout(self.timings.start_timeout, self.start_and_probe());
+            let (outcome, result) = tokio::select! {
+                // A forced stop: the start is dropped where it is (a readiness probe that never
+                // passes would otherwise hold the machine until start_timeout) and cleaned up
+                // below like a failed one.
+                () = self.cancelled(changes) => (Err(cancelled()), StartResult::Cancelled),
+                started = started => match started {
+                    Ok(Ok(ep)) => (Ok(ep), StartResult::Ok),
+                    Ok(Err(e)) => (Err(e), StartResult::Failed),
+                    Err(_) => (
+                        Err(format!(
+                            "not ready within start_timeout ({})",
+                            humantime::format_duration(self.timings.start_timeout)
+                        )
+                        .into()),
+                        StartResult::Timeout,
+                    ),
+                },
             };
             let timings = match &outcome {
                 Ok(_) => self.observed().start_ended(true, Instant::now()),
@@ -492,29 +504,48 @@ impl Lifecycle {
                 }
             };
             telemetry::cold_start(&self.name, result, timings);
-            match outcome {
+            let (error, what) = match outcome {
                 Ok(ep) => {
-                    let action = self.decide("ready", |m, now| m.start_succeeded(ep, now));
-                    let generation = self.lock().generation();
-                    self.spawn(self.clone().watch_running(generation));
-                    self.act(action);
-                }
-                Err(error) => {
-                    // Stop before reporting, so a retry after the back-off cannot race this
-                    // cleanup; but not a machine another replica serves through (the failure may
-                    // be this replica's own, e.g. its route to the machine).
-                    if matches!(self.backend.in_use_elsewhere().await, Ok(true)) {
-                        warn!(machine = %self.name, %error, "start failed here, but another replica uses the machine; leaving it running");
-                    } else {
-                        warn!(machine = %self.name, %error, "start failed; stopping whatever was started");
-                        if let Err(e) = self.backend.stop().await {
-                            warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
-                        }
-                    }
-                    self.decide("start failed", |m, now| {
-                        m.start_failed(Arc::new(error), now)
+                    // Decided with the cancel flag under one lock: a forced stop either came
+                    // first, and the machine is cleaned up below, or finds it running.
+                    let ready = self.decide("ready", |m, now| {
+                        (!m.start_cancelled()).then(|| m.start_succeeded(ep, now))
                     });
+                    if let Some(action) = ready {
+                        let generation = self.lock().generation();
+                        self.spawn(self.clone().watch_running(generation));
+                        self.act(action);
+                        return;
+                    }
+                    (cancelled(), "start cancelled")
                 }
+                Err(error) if result == StartResult::Cancelled => (error, "start cancelled"),
+                Err(error) => (error, "start failed"),
+            };
+            // Stop before reporting, so a retry after the back-off cannot race this cleanup;
+            // but not a machine another replica serves through (the failure may be this
+            // replica's own, e.g. its route to the machine).
+            if matches!(self.backend.in_use_elsewhere().await, Ok(true)) {
+                warn!(machine = %self.name, %error, "{what} here, but another replica uses the machine; leaving it running");
+            } else {
+                warn!(machine = %self.name, %error, "{what}; stopping whatever was started");
+                if let Err(e) = self.backend.stop().await {
+                    warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
+                }
+            }
+            self.decide(what, |m, now| m.start_failed(Arc::new(error), now));
+            // The machine ended absent without a stop: a stop waiting for this start is done.
+            self.stops.fetch_add(1, Ordering::SeqCst);
+            self.tx.send_modify(|_| {});
+        }
+    }
+
+    /// Resolves once a forced stop cancelled the start in flight.
+    async fn cancelled(&self, mut changes: watch::Receiver<State>) {
+        // Every decision notifies `changes`, the forced stop's among them.
+        while !self.lock().start_cancelled() {
+            if changes.changed().await.is_err() {
+                unreachable!("the lifecycle owns the sender");
             }
         }
     }
@@ -798,8 +829,9 @@ impl Handle {
     }
 
     /// Takes the machine down now: requests in flight finish first; requests that arrive
-    /// meanwhile wait and start it again. Returns once the stop is done (at once if the machine
-    /// is not running).
+    /// meanwhile wait and start it again. A start in flight is let finish, then stopped. Returns
+    /// once the stop is done, or the start ended without a machine (it failed); at once if the
+    /// machine is absent.
     pub async fn stop(&self) {
         self.stop_with(Machine::begin_stop).await;
     }
@@ -821,7 +853,8 @@ impl Handle {
         }
     }
 
-    /// Takes the machine down now, without waiting for requests in flight (they fail). For
+    /// Takes the machine down now, without waiting for requests in flight (they fail). A start
+    /// in flight is cancelled: what it started is stopped and its waiters get an error. For
     /// shutdown after a grace period.
     pub async fn stop_now(&self) {
         self.stop_with(Machine::force_stop).await;

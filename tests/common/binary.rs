@@ -183,6 +183,34 @@ impl Proxy {
     }
 }
 
+/// A request left waiting on the binary (for a machine that does not come up): GET `path`, sent
+/// in a task of its own.
+pub struct Parked(tokio::task::JoinHandle<Result<http::StatusCode, super::BoxError>>);
+
+impl Parked {
+    pub fn get(addr: SocketAddr, path: &str) -> Parked {
+        let req = http::Request::get(path)
+            .header("host", "front.test")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        Parked(tokio::spawn(async move {
+            super::send(addr, req).await.map(|res| res.status())
+        }))
+    }
+
+    /// Asserts that the request ended, within `limit`, with a 503 or its connection closed,
+    /// rather than hanging.
+    pub async fn assert_refused_or_closed(self, limit: Duration) {
+        let answer = tokio::time::timeout(limit, self.0)
+            .await
+            .expect("the parked request hangs")
+            .unwrap();
+        if let Ok(status) = answer {
+            assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
