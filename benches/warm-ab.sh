@@ -8,6 +8,9 @@
 # Each binary serves `/` through a process-backend route to nginx answering `return 200` with a
 # 13-byte body; wrk -t1 -c32 -d5s after a 2 s warm-up; NEW is also run with the access log off.
 # Prints one line per run (label, req/s, p50, p99). Needs nginx and wrk (Debian: nginx-light, wrk).
+# OLD_TOP / NEW_TOP: top-level config lines for each binary, e.g. the same binary twice with
+#   OLD_TOP="workers = 1" benches/warm-ab.sh target/release/vmproxy target/release/vmproxy
+# OLD_LOG: RUST_LOG for OLD (default info, the access log on).
 # Everything listens on 127.0.0.1; every process it starts is stopped before it exits.
 set -euo pipefail
 OLD=$(realpath "$1"); NEW=$(realpath "$2"); ROUNDS=${3:-3}
@@ -34,8 +37,10 @@ idle_timeout = "0s"
 [route.process]
 command = ["sh", "-c", "sed \"s/PORT/\$PORT/g\" $TMP/nginx.tmpl > $TMP/nginx-\$PORT.conf; exec $NGINX -c $TMP/nginx-\$PORT.conf -g 'daemon off;'"]
 CONF
-run() { # BIN LABEL [RUST_LOG]
-  RUST_LOG=${3:-info} "$1" --config "$TMP/vm.toml" >"$TMP/$2.log" 2>&1 &
+{ echo "${OLD_TOP:-}"; cat "$TMP/vm.toml"; } >"$TMP/old.toml"
+{ echo "${NEW_TOP:-}"; cat "$TMP/vm.toml"; } >"$TMP/new.toml"
+run() { # BIN LABEL RUST_LOG CONFIG
+  RUST_LOG=$3 "$1" --config "$4" >"$TMP/$2.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/x" && break; sleep 0.1; done
   wrk -t1 -c32 -d2s "http://127.0.0.1:$PORT/x" >/dev/null 2>&1
@@ -44,7 +49,7 @@ run() { # BIN LABEL [RUST_LOG]
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
 }
 for _ in $(seq "$ROUNDS"); do
-  run "$OLD" old
-  run "$NEW" new
-  run "$NEW" new-access-log-off "info,vmproxy::access=off"
+  run "$OLD" old "${OLD_LOG:-info}" "$TMP/old.toml"
+  run "$NEW" new info "$TMP/new.toml"
+  run "$NEW" new-access-log-off "info,vmproxy::access=off" "$TMP/new.toml"
 done
