@@ -6,13 +6,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode, Version};
+use http_body_util::Full;
 use clap::Parser;
 use tracing::{error, info, warn};
 use vmproxy::config::Config;
 use vmproxy::State;
+
+#[path = "cli/access_log.rs"]
+mod access_log;
+use access_log::AccessLogLayer;
 
 /// Serves the routes of a config file, each by a machine started on first use, stopped when idle.
 #[derive(Debug, Parser)]
@@ -189,7 +195,7 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
     for r in layer.routes() {
         info!(machine = %r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
-    let app = access_logged(Router::new().fallback(not_found).layer(layer));
+    let app = access_logged(tower::Layer::layer(&layer, NotFound));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = config.server().serve(listener, app, async {
@@ -260,11 +266,11 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
     ExitCode::SUCCESS
 }
 
-/// The access log, request ids and redacted credentials, in front of everything: tower-http's
-/// layers, in the order that makes each see what it needs. The id is set first (a client's own
-/// `x-request-id` is kept), so the log's span and the machine both see it; the log reads which
-/// machine answered, and whether the request waited for a start, from the response.
-fn access_logged<S>(
+/// The access log, request ids and redacted credentials, in front of everything, in the order
+/// that makes each see what it needs. The id is set first (a client's own `x-request-id` is
+/// kept), so the log and the machine both see it; the log reads which machine answered, and
+/// whether the request waited for a start, from the response.
+fn access_logged<S, ResBody>(
     app: S,
 ) -> impl tower::Service<
     http::Request<vmproxy::server::RequestBody>,
@@ -279,43 +285,18 @@ fn access_logged<S>(
 where
     S: tower::Service<
             http::Request<vmproxy::server::RequestBody>,
-            Response = http::Response<axum::body::Body>,
-            Error = std::convert::Infallible,
+            Response = http::Response<ResBody>,
+            Error = Infallible,
         > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<vmproxy::BoxError>,
 {
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-    use tower_http::trace::TraceLayer;
 
-    let trace = TraceLayer::new_for_http()
-        .make_span_with(|req: &http::Request<vmproxy::server::RequestBody>| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::info_span!(target: "vmproxy::access", "request", method = %req.method(), path = %req.uri().path(), id)
-        })
-        .on_request(())
-        .on_response(
-            |res: &http::Response<_>, latency: std::time::Duration, _span: &tracing::Span| {
-                let served = res.extensions().get::<vmproxy::MachineResponse>();
-                info!(
-                    target: "vmproxy::access",
-                    status = res.status().as_u16(),
-                    latency_ms = %Millis(latency),
-                    machine = served.map(|s| tracing::field::display(s.machine())),
-                    waited_for_start = served.map(|s| s.waited_for_start()),
-                    "served"
-                );
-            },
-        )
-        .on_body_chunk(())
-        .on_eos(())
-        .on_failure(());
     tower::ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -324,7 +305,7 @@ where
             header::SET_COOKIE,
         ]))
         .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
-        .layer(trace)
+        .layer(AccessLogLayer)
         .layer(PropagateRequestIdLayer::x_request_id())
         .service(app)
 }
@@ -361,17 +342,6 @@ impl std::io::Write for PacedStderr {
         self.0.flush()?;
         std::thread::sleep(LOG_PACE);
         Ok(())
-    }
-}
-
-/// A duration in milliseconds with microsecond precision (`12.345`), written with integer
-/// arithmetic: cheaper per access-log line than formatting an `f64`'s shortest form.
-struct Millis(std::time::Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let us = self.0.as_micros();
-        write!(f, "{}.{:03}", us / 1000, us % 1000)
     }
 }
 
@@ -440,32 +410,60 @@ impl tower_http::request_id::MakeRequestId for RequestIds {
 /// Requests no route takes. They reach nothing, but bad ones still get the status that says
 /// why: a CONNECT is no tunnel here (405), and a request without exactly one Host is malformed
 /// (400, RFC 9112 §3.2).
-async fn not_found(method: Method, version: Version, headers: HeaderMap, uri: Uri) -> Response {
-    if method == Method::CONNECT {
-        let mut res = (
+// A plain service rather than an axum `Router` fallback: the router boxed both bodies and
+// cloned a boxed service on every request, proxied ones included.
+fn not_found<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut res = http::Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = status;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    };
+    if req.method() == Method::CONNECT {
+        let mut res = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not served here: this is no forward proxy\n",
-        )
-            .into_response();
+            "CONNECT is not served here: this is no forward proxy\n".into(),
+        );
         res.headers_mut().insert(
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
         );
-        return res;
+        res
+    } else {
+        let hosts = req.headers().get_all(header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+            text(
+                StatusCode::BAD_REQUEST,
+                "a request needs exactly one Host field (RFC 9112 §3.2)\n".into(),
+            )
+        } else {
+            text(StatusCode::NOT_FOUND, format!("no route for {}\n", req.uri().path()))
+        }
     }
-    let hosts = headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
-        return (
-            StatusCode::BAD_REQUEST,
-            "a request needs exactly one Host field (RFC 9112 §3.2)\n",
-        )
-            .into_response();
+}
+
+/// [`not_found`] as the service the proxy layer wraps.
+#[derive(Clone, Copy)]
+struct NotFound;
+
+impl<B> tower::Service<http::Request<B>> for NotFound {
+    type Response = http::Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
     }
-    (
-        StatusCode::NOT_FOUND,
-        format!("no route for {}\n", uri.path()),
-    )
-        .into_response()
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(not_found(&req)))
+    }
 }
 
 /// Installs the Prometheus recorder, with histogram buckets for cold starts; returns the handle
@@ -549,7 +547,7 @@ mod tests {
 
     #[test]
     fn millis_are_written_with_microseconds() {
-        let ms = |d| Millis(d).to_string();
+        let ms = |d| access_log::Millis(d).to_string();
         assert_eq!(ms(std::time::Duration::from_micros(12_345)), "12.345");
         assert_eq!(ms(std::time::Duration::from_nanos(999)), "0.000");
         assert_eq!(ms(std::time::Duration::from_secs(2)), "2000.000");
