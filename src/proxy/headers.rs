@@ -117,14 +117,23 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop fields and every field named by `Connection`, except `Host`: the
 /// request's target is not the client's to drop (`Connection: host`).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| n != header::HOST)
+    // One pass over the names first: most requests carry none of these, and a removal is a hash
+    // and a probe whether the field is there or not.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| HOP_BY_HOP.contains(n))
+        .cloned()
         .collect();
-    for name in named {
-        headers.remove(name);
+    if present.contains(&header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| n != header::HOST)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in &HOP_BY_HOP {
+    for name in present {
         headers.remove(name);
     }
 }
@@ -237,6 +246,8 @@ pub(crate) fn for_backend(
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
+    // Room for what is added below (Host, X-Forwarded-*, Forwarded, Via), so the map grows once.
+    headers.reserve(6);
     remove_hop_by_hop(headers);
     if trailers {
         // The one TE value that is end-to-end in effect: the client accepts trailers.
@@ -300,22 +311,26 @@ fn append_forwarded(
     proto: &str,
     trusted: bool,
 ) {
-    let mut element = String::new();
+    use std::fmt::Write;
+    let mut element = String::with_capacity(96);
     if let Some(client) = client {
-        match client.ip().to_canonical() {
-            std::net::IpAddr::V4(ip) => element.push_str(&format!("for={ip};")),
+        let _ = match client.ip().to_canonical() {
+            std::net::IpAddr::V4(ip) => write!(element, "for={ip};"),
             // An IPv6 address has colons, so it is a quoted string (RFC 7239 §6).
-            std::net::IpAddr::V6(ip) => element.push_str(&format!("for=\"[{ip}]\";")),
-        }
+            std::net::IpAddr::V6(ip) => write!(element, "for=\"[{ip}]\";"),
+        };
     }
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
         if !host.is_empty() {
-            element.push_str(&format!("host={};", forwarded_value(host)));
+            element.push_str("host=");
+            push_forwarded_value(&mut element, host);
+            element.push(';');
         }
     }
     element.push_str("proto=");
     element.push_str(proto);
-    if let Ok(value) = HeaderValue::from_str(&element) {
+    // From the String itself: no copy.
+    if let Ok(value) = HeaderValue::try_from(element) {
         if trusted {
             append(headers, FORWARDED, value);
         } else {
@@ -326,22 +341,21 @@ fn append_forwarded(
     }
 }
 
-/// A `Forwarded` parameter value: a token as it is, anything else as a quoted string.
-fn forwarded_value(v: &str) -> String {
+/// Appends a `Forwarded` parameter value: a token as it is, anything else as a quoted string.
+fn push_forwarded_value(out: &mut String, v: &str) {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if v.chars().all(tchar) {
-        return v.to_owned();
+        out.push_str(v);
+        return;
     }
-    let mut quoted = String::with_capacity(v.len() + 2);
-    quoted.push('"');
+    out.push('"');
     for c in v.chars() {
         if c == '"' || c == '\\' {
-            quoted.push('\\');
+            out.push('\\');
         }
-        quoted.push(c);
+        out.push(c);
     }
-    quoted.push('"');
-    quoted
+    out.push('"');
 }
 
 /// Rewrites a response's headers for the client.
@@ -356,8 +370,9 @@ pub(crate) fn for_client(headers: &mut HeaderMap, upgraded: Option<HeaderValue>)
 
 /// Appends the client's address to the chain and writes the whole chain back as one field.
 fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    use std::fmt::Write;
     let ip = client.ip().to_canonical();
-    let mut chain = String::new();
+    let mut chain = String::with_capacity(48);
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(v) = v.to_str() {
             let v = v.trim();
@@ -367,8 +382,8 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
             }
         }
     }
-    chain.push_str(&ip.to_string());
-    if let Ok(value) = HeaderValue::from_str(&chain) {
+    let _ = write!(chain, "{ip}");
+    if let Ok(value) = HeaderValue::try_from(chain) {
         headers.insert(X_FORWARDED_FOR, value);
     }
 }
