@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use pin_project::pin_project;
 
 use crate::lifecycle::Lease;
+use crate::proxy::Busy;
 use crate::BoxError;
 
 /// The body of every response a [`VmProxy`](crate::VmProxy) returns.
@@ -41,6 +42,8 @@ enum ProxiedKind {
     Upstream {
         #[pin]
         body: Incoming,
+        /// The connection the body comes over: back to the pool after the last frame.
+        conn: Busy,
         /// Dropped after the last frame: the request stops counting as in flight.
         lease: Option<Lease>,
     },
@@ -48,10 +51,15 @@ enum ProxiedKind {
 }
 
 impl ProxiedBody {
-    pub(crate) fn upstream(body: Incoming, lease: Lease) -> Self {
+    pub(crate) fn upstream(body: Incoming, mut conn: Busy, lease: Lease) -> Self {
+        // An empty body (HEAD, 204, 304, `Content-Length: 0`) is never polled.
+        if body.is_end_stream() {
+            conn.release();
+        }
         ProxiedBody {
             kind: ProxiedKind::Upstream {
                 body,
+                conn,
                 lease: Some(lease),
             },
         }
@@ -80,10 +88,22 @@ impl Body for ProxiedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            ProxiedProj::Upstream { mut body, lease } => {
+            ProxiedProj::Upstream {
+                mut body,
+                conn,
+                lease,
+            } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
-                if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
-                    lease.take();
+                match &frame {
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    Some(Ok(_)) | None => {
+                        conn.release();
+                        lease.take();
+                    }
+                    // The connection goes with the failed body: it is in no state to reuse.
+                    Some(Err(_)) => {
+                        lease.take();
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }

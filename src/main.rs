@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::convert::Infallible;
 
 use bytes::Bytes;
+use clap::Parser;
 use http::{header, HeaderValue, Method, StatusCode, Version};
 use http_body_util::Full;
-use clap::Parser;
 use tracing::{error, info, warn};
 use vmproxy::config::Config;
 use vmproxy::State;
@@ -440,7 +440,10 @@ fn not_found<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
                 "a request needs exactly one Host field (RFC 9112 §3.2)\n".into(),
             )
         } else {
-            text(StatusCode::NOT_FOUND, format!("no route for {}\n", req.uri().path()))
+            text(
+                StatusCode::NOT_FOUND,
+                format!("no route for {}\n", req.uri().path()),
+            )
         }
     }
 }

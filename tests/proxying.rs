@@ -315,3 +315,113 @@ async fn max_forwards_zero_is_answered_here_without_waking_the_machine() {
     assert_eq!(echo["method"], "OPTIONS");
     assert_eq!(header(&echo, "max-forwards"), ["4"]);
 }
+
+/// A machine at a fixed address whose server counts the connections it accepts.
+struct Counted {
+    addr: SocketAddr,
+}
+
+impl vmproxy::backend::Backend for Counted {
+    fn name(&self) -> &str {
+        "counted"
+    }
+    fn start(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Endpoint> {
+        Box::pin(async move { Ok(vmproxy::backend::Endpoint::new(self.addr)) })
+    }
+    fn stop(&self) -> vmproxy::backend::BackendFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn status(&self) -> vmproxy::backend::BackendFuture<'_, vmproxy::backend::Status> {
+        Box::pin(async move {
+            Ok(vmproxy::backend::Status::Running(
+                vmproxy::backend::Endpoint::new(self.addr),
+            ))
+        })
+    }
+}
+
+/// A connection to the machine goes back to the pool when its response has been read, whatever
+/// the response's body: none (HEAD, 204, `Content-Length: 0`), short, chunked, or large. One
+/// client sending these one after the other needs one connection to the machine.
+#[tokio::test]
+async fn one_connection_to_the_machine_serves_bodies_of_every_kind_in_turn() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let res = http::Response::builder();
+                        let res = match req.uri().path() {
+                            "/app/none" => res
+                                .status(204)
+                                .body(http_body_util::Full::new(Bytes::new())),
+                            "/app/zero" => res.body(http_body_util::Full::new(Bytes::new())),
+                            "/app/big" => res
+                                .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 1 << 20]))),
+                            _ => res.body(http_body_util::Full::new(Bytes::from_static(b"hello"))),
+                        };
+                        Ok::<_, std::convert::Infallible>(res.unwrap())
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let route = vmproxy::Route::builder("/app", Counted { addr })
+        .build()
+        .unwrap();
+    route.handle().start().await.unwrap();
+    let front = front(route).await;
+
+    let stream = tokio::net::TcpStream::connect(front).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // The readiness probe has its own connections: count from here.
+    let probes = accepted.load(Ordering::SeqCst);
+    let requests = [
+        ("GET", "/app/short", 5),
+        ("HEAD", "/app/short", 0),
+        ("GET", "/app/none", 0),
+        ("GET", "/app/zero", 0),
+        ("GET", "/app/big", 1 << 20),
+        ("GET", "/app/short", 5),
+    ];
+    for _ in 0..3 {
+        for (method, path, len) in requests {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "front.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let res = tx.send_request(req).await.unwrap();
+            assert!(
+                res.status().is_success(),
+                "{method} {path}: {}",
+                res.status()
+            );
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), len, "{method} {path}");
+            // The pool takes the connection back as the last frame goes out; the next request
+            // may come before the machine's connection has said it is ready for another.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst) - probes,
+        1,
+        "every response should have left its connection to the machine reusable"
+    );
+}

@@ -16,7 +16,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-pub(crate) use pool::Pool;
+pub(crate) use pool::{Busy, Pool};
 use pool::{SendError, UpstreamBody};
 
 use crate::body::ProxiedBody;
@@ -84,8 +84,8 @@ where
                 // Boxed, and its result consumed before the next await: this future is what every
                 // request parked on a cold start holds, so it must not reserve room for either.
                 let unsent = match Box::pin(pool.send(ep.addr(), upstream)).await {
-                    Ok(res) => {
-                        let mut res = respond(res, lease, upgrade, &route.inner.upgrades);
+                    Ok((res, busy)) => {
+                        let mut res = respond(res, busy, lease, upgrade, &route.inner.upgrades);
                         if let Some(timing) = timing {
                             res.headers_mut().append(
                                 http::header::HeaderName::from_static("server-timing"),
@@ -308,6 +308,7 @@ fn failure(machine: &str, error: hyper::Error) -> Error {
 
 fn respond(
     res: Response<hyper::body::Incoming>,
+    busy: pool::Busy,
     lease: Lease,
     upgrade: Option<(http::HeaderValue, OnUpgrade)>,
     allowed: &[Box<str>],
@@ -340,7 +341,7 @@ fn respond(
         return error_response(&Error::upstream(lease.lifecycle().name(), e));
     }
     headers::for_client(&mut parts.headers, None);
-    Response::from_parts(parts, ProxiedBody::upstream(body, lease))
+    Response::from_parts(parts, ProxiedBody::upstream(body, busy, lease))
 }
 
 /// Copies bytes both ways until either side closes; the lease keeps the machine counted busy

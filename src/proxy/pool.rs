@@ -52,10 +52,42 @@ struct Conn {
     task: tokio::task::AbortHandle,
 }
 
+/// A connection in use by a response whose body is still streaming: back in the pool after the
+/// body's last frame, so that the pool holds idle connections only. Dropped before then (the
+/// client left, the body failed), it closes the connection.
+pub(crate) struct Busy {
+    conn: Option<Conn>,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Busy")
+            .field("addr", &self.conn.as_ref().map(|c| c.addr))
+            .finish()
+    }
+}
+
+impl Busy {
+    /// The response has been read whole: the connection may serve another request.
+    pub(crate) fn release(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.idle_since = Instant::now();
+            self.pool.put(conn);
+        }
+    }
+}
+
 /// How many connections to one machine may be in the middle of being opened.
 const MAX_DIALING: usize = 8;
 
+/// Cheap to clone: a response body holds one to give its connection back.
+#[derive(Clone)]
 pub(crate) struct Pool {
+    shared: std::sync::Arc<Shared>,
+}
+
+struct Shared {
     /// Idle connections by the thread that made them: a connection is driven by a task on the
     /// runtime it was opened on, and with a runtime per worker thread (`Server::workers`) a
     /// request served by another thread would hand every exchange over between threads.
@@ -73,7 +105,7 @@ pub(crate) struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("idle_timeout", &self.idle_timeout)
+            .field("idle_timeout", &self.shared.idle_timeout)
             .finish()
     }
 }
@@ -85,21 +117,24 @@ impl Pool {
         response_header_timeout: Option<Duration>,
     ) -> Self {
         Pool {
-            idle: Mutex::new(Vec::new()),
-            dialing: tokio::sync::Semaphore::new(MAX_DIALING),
-            idle_timeout,
-            connect_timeout,
-            response_header_timeout,
-            max_idle: 1024,
+            shared: std::sync::Arc::new(Shared {
+                idle: Mutex::new(Vec::new()),
+                dialing: tokio::sync::Semaphore::new(MAX_DIALING),
+                idle_timeout,
+                connect_timeout,
+                response_header_timeout,
+                max_idle: 1024,
+            }),
         }
     }
 
-    /// Sends `req` to `addr` on a pooled connection, or a new one.
+    /// Sends `req` to `addr` on a pooled connection, or a new one; the connection comes back
+    /// to the pool when the response's body has been read (see [`Busy`]).
     pub(crate) async fn send(
         &self,
         addr: SocketAddr,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<(Response<Incoming>, Busy), SendError> {
         loop {
             let (mut conn, reused) = match self.take(addr) {
                 Some(conn) => (conn, true),
@@ -113,7 +148,7 @@ impl Pool {
                     }
                 },
             };
-            let sent = match self.response_header_timeout {
+            let sent = match self.shared.response_header_timeout {
                 None => conn.tx.try_send_request(req).await,
                 Some(limit) => {
                     // The clock starts once the request is sent whole, as Go's
@@ -135,10 +170,11 @@ impl Pool {
             };
             match sent {
                 Ok(res) => {
-                    // Busy until the response body ends; `take` skips it until then.
-                    conn.idle_since = Instant::now();
-                    self.put(conn);
-                    return Ok(res);
+                    let busy = Busy {
+                        conn: Some(conn),
+                        pool: self.clone(),
+                    };
+                    return Ok((res, busy));
                 }
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the backend closed while idle: the request never left,
@@ -156,6 +192,7 @@ impl Pool {
     /// Waits for a dial slot, then takes a connection that became free meanwhile or opens one.
     async fn take_or_dial(&self, addr: SocketAddr) -> io::Result<(Conn, bool)> {
         let _slot = self
+            .shared
             .dialing
             .acquire()
             .await
@@ -171,7 +208,7 @@ impl Pool {
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let now = Instant::now();
         let here = std::thread::current().id();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let idle = &mut idle.iter_mut().find(|(thread, _)| *thread == here)?.1;
         let mut i = idle.len();
         while i > 0 {
@@ -179,7 +216,7 @@ impl Pool {
             let c = &idle[i];
             let stale = c.addr != addr
                 || c.tx.is_closed()
-                || now.saturating_duration_since(c.idle_since) > self.idle_timeout;
+                || now.saturating_duration_since(c.idle_since) > self.shared.idle_timeout;
             if stale {
                 idle.swap_remove(i);
             } else if c.tx.is_ready() {
@@ -191,7 +228,7 @@ impl Pool {
 
     fn put(&self, conn: Conn) {
         let here = std::thread::current().id();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let at = match idle.iter().position(|(thread, _)| *thread == here) {
             Some(at) => at,
             None => {
@@ -200,18 +237,22 @@ impl Pool {
             }
         };
         let idle = &mut idle[at].1;
-        if idle.len() < self.max_idle {
+        if idle.len() < self.shared.max_idle {
             idle.push(conn);
         }
     }
 
     /// Drops every pooled connection (the machine went away).
     pub(crate) fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.shared
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     async fn connect(&self, addr: SocketAddr) -> io::Result<Conn> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let stream = tokio::time::timeout(self.shared.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
                 io::Error::new(
