@@ -32,7 +32,9 @@ pub struct ResponseFuture<F> {
 enum Kind<F> {
     Inner(#[pin] F),
     Proxied(ProxiedFuture),
-    Ready(Option<Response<ProxiedBody>>),
+    /// Boxed: an answer made at once (a refusal) is rare, and unboxed it would set the size of
+    /// every request's future, the parked ones included.
+    Ready(Option<Box<Response<ProxiedBody>>>),
 }
 
 impl<F> ResponseFuture<F> {
@@ -52,7 +54,7 @@ impl<F> ResponseFuture<F> {
 
     pub(crate) fn ready(res: Response<ProxiedBody>, machine: Arc<str>) -> Self {
         ResponseFuture {
-            kind: Kind::Ready(Some(res)),
+            kind: Kind::Ready(Some(Box::new(res))),
             machine: Some(machine),
         }
     }
@@ -85,7 +87,7 @@ where
                 return Poll::Ready(Ok(res.map(ResponseBody::inner)));
             }
             KindProj::Proxied(fut) => ready!(fut.as_mut().poll(cx)),
-            KindProj::Ready(res) => res.take().expect("ResponseFuture polled after completion"),
+            KindProj::Ready(res) => *res.take().expect("ResponseFuture polled after completion"),
         };
         if let Some(machine) = this.machine {
             telemetry::response(machine, res.status());

@@ -540,10 +540,13 @@ async fn serve_connection<S, B>(
     let peer = service.peer;
     #[cfg(feature = "http2")]
     if conn.may_be_http2().await {
-        let serving = protocols
-            .auto
-            .serve_connection_with_upgrades(TokioIo::new(conn), service);
-        tokio::pin!(serving);
+        // Boxed: its state is large, and would otherwise be reserved in every connection's
+        // task, HTTP/1 ones included.
+        let mut serving = Box::pin(
+            protocols
+                .auto
+                .serve_connection_with_upgrades(TokioIo::new(conn), service),
+        );
         let served = tokio::select! {
             served = &mut serving => served,
             () = reached(&mut phase, Phase::Draining) => {
