@@ -184,15 +184,59 @@ pub(crate) fn backend_call(fallback_machine: &str, call: &'static str, result: &
 
 /// One response for a route.
 pub(crate) fn response(machine: &Arc<str>, status: StatusCode) {
-    metrics::counter!(
-        REQUESTS_TOTAL,
-        "machine" => SharedString::from(machine.clone()),
-        "code" => code(status),
-    )
-    .increment(1);
+    // A counter is looked up in the recorder's registry by its name and labels (an allocation,
+    // a hash and a lock): once per thread, machine, status and recorder, not per response.
+    let recorder = recorder_id();
+    let code = status.as_u16();
+    let counter = RESPONSE_COUNTERS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(found) = cache
+            .iter()
+            .find(|c| c.code == code && c.recorder == recorder && *c.machine == **machine)
+        {
+            return found.counter.clone();
+        }
+        let counter = metrics::counter!(
+            REQUESTS_TOTAL,
+            "machine" => SharedString::from(machine.clone()),
+            "code" => code_label(status),
+        );
+        if cache.len() >= RESPONSE_COUNTERS_KEPT {
+            cache.remove(0);
+        }
+        cache.push(CachedCounter {
+            machine: machine.clone(),
+            code,
+            recorder,
+            counter: counter.clone(),
+        });
+        counter
+    });
+    counter.increment(1);
 }
 
-fn code(status: StatusCode) -> SharedString {
+/// How many (machine, status) counters each thread keeps at hand.
+const RESPONSE_COUNTERS_KEPT: usize = 32;
+
+struct CachedCounter {
+    machine: Arc<str>,
+    code: u16,
+    recorder: usize,
+    counter: metrics::Counter,
+}
+
+thread_local! {
+    static RESPONSE_COUNTERS: std::cell::RefCell<Vec<CachedCounter>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Which recorder is installed (global or thread-local): a handle from another one counts
+/// nowhere.
+fn recorder_id() -> usize {
+    metrics::with_recorder(|r| (r as *const dyn metrics::Recorder).cast::<()>() as usize)
+}
+
+fn code_label(status: StatusCode) -> SharedString {
     let s: &'static str = match status.as_u16() {
         101 => "101",
         200 => "200",
@@ -280,8 +324,7 @@ impl Counts {
     pub(crate) fn set(&self, in_flight: usize, waiting: usize, idle_stop_in: Option<Duration>) {
         // A recorder installed after the route was built (or a thread-local one in a test) is a
         // different recorder: register with it then.
-        let recorder =
-            metrics::with_recorder(|r| (r as *const dyn metrics::Recorder).cast::<()>() as usize);
+        let recorder = recorder_id();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         let gauges = match &*cached {
             Some((at, gauges)) if *at == recorder => gauges,
