@@ -195,7 +195,11 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
     for r in layer.routes() {
         info!(machine = %r.handle().name(), prefixes = ?r.prefixes(), "route");
     }
-    let app = access_logged(tower::Layer::layer(&layer, NotFound));
+    // Request ids, redacted credentials and the access log in front of everything.
+    let app = tower::Layer::layer(
+        &AccessLogLayer::new(),
+        tower::Layer::layer(&layer, NotFound),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = config.server().serve(listener, app, async {
@@ -266,50 +270,6 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
     ExitCode::SUCCESS
 }
 
-/// The access log, request ids and redacted credentials, in front of everything, in the order
-/// that makes each see what it needs. The id is set first (a client's own `x-request-id` is
-/// kept), so the log and the machine both see it; the log reads which machine answered, and
-/// whether the request waited for a start, from the response.
-fn access_logged<S, ResBody>(
-    app: S,
-) -> impl tower::Service<
-    http::Request<vmproxy::server::RequestBody>,
-    Response = http::Response<
-        impl http_body::Body<Data = bytes::Bytes, Error = impl Into<vmproxy::BoxError>> + Send + 'static,
-    >,
-    Error = impl Into<vmproxy::BoxError>,
-    Future = impl Send + 'static,
-> + Clone
-       + Send
-       + 'static
-where
-    S: tower::Service<
-            http::Request<vmproxy::server::RequestBody>,
-            Response = http::Response<ResBody>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<vmproxy::BoxError>,
-{
-    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-    use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-
-    tower::ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::PROXY_AUTHORIZATION,
-            header::COOKIE,
-            header::SET_COOKIE,
-        ]))
-        .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
-        .layer(AccessLogLayer)
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .service(app)
-}
-
 /// Stderr as the log writer's thread writes it: buffered, and flushed in bursts. The thread
 /// flushes whenever it has drained the lines waiting for it; unbuffered and unpaced, under load
 /// that was a write(2) per access-log line and a thread woken (and spinning in `sched_yield`)
@@ -342,68 +302,6 @@ impl std::io::Write for PacedStderr {
         self.0.flush()?;
         std::thread::sleep(LOG_PACE);
         Ok(())
-    }
-}
-
-/// Request ids shaped like UUIDs, without a system call each: tower-http's `MakeRequestUuid`
-/// asks the kernel for randomness on every request (a `getrandom` per request, 17 % of the
-/// proxy's system-call time under load). A random per-process key, a counter, and a bijective
-/// mix of the two (122 bits that differ for every request, bar a vanishing chance).
-#[derive(Clone)]
-struct RequestIds {
-    key: u64,
-    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        // std's RandomState is seeded from the OS once per process.
-        let key = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        RequestIds {
-            key,
-            next: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        }
-    }
-}
-
-/// splitmix64's finaliser: a bijection on u64.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-impl tower_http::request_id::MakeRequestId for RequestIds {
-    fn make_request_id<B>(
-        &mut self,
-        _: &http::Request<B>,
-    ) -> Option<tower_http::request_id::RequestId> {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (hi, lo) = (
-            mix(self.key ^ n),
-            mix(n.wrapping_add(self.key.rotate_left(32))),
-        );
-        // The version and variant bits of a v4 UUID, so tools that parse ids accept it.
-        let hi = (hi & !0xf000) | 0x4000;
-        let lo = (lo & !(0b11 << 62)) | (0b10 << 62);
-        // Hex digits into a buffer of its own: no formatting machinery, one allocation.
-        let mut id = [b'-'; 36];
-        let mut put = |range: std::ops::Range<usize>, v: u64| {
-            let mut v = v;
-            for i in range.rev() {
-                id[i] = b"0123456789abcdef"[(v & 0xf) as usize];
-                v >>= 4;
-            }
-        };
-        put(0..8, hi >> 32);
-        put(9..13, (hi >> 16) & 0xffff);
-        put(14..18, hi & 0xffff);
-        put(19..23, lo >> 48);
-        put(24..36, lo & 0xffff_ffff_ffff);
-        http::HeaderValue::from_bytes(&id).ok().map(Into::into)
     }
 }
 
@@ -541,39 +439,4 @@ async fn emulate(args: &[String]) -> ExitCode {
 async fn emulate(_args: &[String]) -> ExitCode {
     eprintln!("vmproxy: this build has no emulator; run it with `cargo run --features emulator -- emulate --listen 127.0.0.1:8085`");
     ExitCode::from(2)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tower_http::request_id::MakeRequestId;
-
-    #[test]
-    fn millis_are_written_with_microseconds() {
-        let ms = |d| access_log::Millis(d).to_string();
-        assert_eq!(ms(std::time::Duration::from_micros(12_345)), "12.345");
-        assert_eq!(ms(std::time::Duration::from_nanos(999)), "0.000");
-        assert_eq!(ms(std::time::Duration::from_secs(2)), "2000.000");
-    }
-
-    #[test]
-    fn request_ids_are_distinct_v4_shaped_uuids() {
-        let mut ids = RequestIds::new();
-        let req = http::Request::new(());
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let id = ids.make_request_id(&req).unwrap();
-            let id = id.header_value().to_str().unwrap().to_owned();
-            let groups: Vec<&str> = id.split('-').collect();
-            let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
-            assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
-            assert!(groups[2].starts_with('4'), "version 4: {id}");
-            assert!("89ab".contains(&groups[3][..1]), "RFC 4122 variant: {id}");
-            assert!(seen.insert(id));
-        }
-        // Another process (another key) makes other ids.
-        let mut other = RequestIds::new();
-        let first = other.make_request_id(&req).unwrap();
-        assert!(!seen.contains(first.header_value().to_str().unwrap()));
-    }
 }

@@ -1,40 +1,69 @@
-//! The binary's access log: one INFO event per request, target `vmproxy::access`, written when
-//! the response head is ready.
+//! The binary's front layer: every request gets an `x-request-id` (the client's, or a new one),
+//! its credentials are marked sensitive, and its response carries the id back and is logged as
+//! one INFO event (target `vmproxy::access`) when its head is ready.
 //!
-//! Not tower-http's `TraceLayer`: its span per request is entered and left on every poll of the
-//! response future and of every body frame, and its fields are formatted when the span opens
-//! and again with the event. On 2 cores that cost the warm path ~14 % of its requests/s (the
-//! measure is in BENCHMARKS.md); one event with every field costs about half as much.
+//! One layer, not tower-http's four (`SetSensitiveRequestHeaders`, `SetRequestId`, `TraceLayer`,
+//! `PropagateRequestId`): each of those wraps the request's future and is cloned per request,
+//! and the trace span is entered and left on every poll of the future and of every body frame.
+//! On 2 cores, with the machine a local nginx, the four cost the warm path about a fifth of its
+//! requests/s (BENCHMARKS.md has the measures).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
 use tracing::{info, Level};
 
-/// Logs every request the inner service answers.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct AccessLogLayer;
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Fields never to be written to a log, marked so that a `Debug` print of the request hides
+/// them.
+const SENSITIVE: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+];
+
+/// Gives each request an id and logs its response.
+#[derive(Clone, Debug)]
+pub(crate) struct AccessLogLayer {
+    ids: RequestIds,
+}
+
+impl AccessLogLayer {
+    pub(crate) fn new() -> Self {
+        AccessLogLayer {
+            ids: RequestIds::new(),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
 
     fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner }
+        AccessLog {
+            inner,
+            ids: self.ids.clone(),
+        }
     }
 }
 
+/// See [the module](self).
 #[derive(Clone, Debug)]
 pub(crate) struct AccessLog<S> {
     inner: S,
+    ids: RequestIds,
 }
 
 /// What the line needs from the request: taken only when the line will be written.
 struct Seen {
     method: Method,
     uri: Uri,
-    id: Option<HeaderValue>,
     at: Instant,
 }
 
@@ -51,26 +80,42 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let headers = req.headers_mut();
+        for name in SENSITIVE {
+            if let header::Entry::Occupied(mut values) = headers.entry(name) {
+                values.iter_mut().for_each(|v| v.set_sensitive(true));
+            }
+        }
+        let id = match headers.get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = self.ids.next();
+                headers.insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
         // `RUST_LOG=vmproxy::access=off` makes this a relaxed load and a branch.
         let seen = tracing::enabled!(target: "vmproxy::access", Level::INFO).then(|| Seen {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            id: req.headers().get("x-request-id").cloned(),
             at: Instant::now(),
         });
         AccessLogFuture {
             inner: self.inner.call(req),
+            id: Some(id),
             seen,
         }
     }
 }
 
-/// The inner service's response future, and the line to write when it is ready.
+/// The inner service's response future; the id to return and the line to write when it is
+/// ready.
 #[pin_project::pin_project]
 pub(crate) struct AccessLogFuture<F> {
     #[pin]
     inner: F,
+    id: Option<HeaderValue>,
     seen: Option<Seen>,
 }
 
@@ -83,10 +128,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
+        let mut out = std::task::ready!(this.inner.poll(cx));
+        let id = this
+            .id
+            .take()
+            .unwrap_or_else(|| HeaderValue::from_static(""));
         if let Some(seen) = this.seen.take() {
             let latency = Millis(seen.at.elapsed());
-            let id = seen.id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+            let id = id.to_str().unwrap_or("");
             match &out {
                 Ok(res) => {
                     let served = res.extensions().get::<vmproxy::MachineResponse>();
@@ -113,6 +162,12 @@ where
                 ),
             }
         }
+        if let Ok(res) = &mut out {
+            // The machine's own id, if it set one, is kept.
+            if !res.headers().contains_key(&X_REQUEST_ID) {
+                res.headers_mut().insert(X_REQUEST_ID, id);
+            }
+        }
         Poll::Ready(out)
     }
 }
@@ -125,5 +180,141 @@ impl std::fmt::Display for Millis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let us = self.0.as_micros();
         write!(f, "{}.{:03}", us / 1000, us % 1000)
+    }
+}
+
+/// Request ids shaped like UUIDs, without a system call each: tower-http's `MakeRequestUuid`
+/// asks the kernel for randomness on every request (a `getrandom` per request, 17 % of the
+/// proxy's system-call time under load). A random per-process key, a counter, and a bijective
+/// mix of the two (122 bits that differ for every request, bar a vanishing chance).
+#[derive(Clone, Debug)]
+struct RequestIds {
+    key: u64,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // std's RandomState is seeded from the OS once per process.
+        let key = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        RequestIds {
+            key,
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (hi, lo) = (
+            mix(self.key ^ n),
+            mix(n.wrapping_add(self.key.rotate_left(32))),
+        );
+        // The version and variant bits of a v4 UUID, so tools that parse ids accept it.
+        let hi = (hi & !0xf000) | 0x4000;
+        let lo = (lo & !(0b11 << 62)) | (0b10 << 62);
+        // Hex digits into a buffer of its own: no formatting machinery, one allocation.
+        let mut id = [b'-'; 36];
+        let mut put = |range: std::ops::Range<usize>, v: u64| {
+            let mut v = v;
+            for i in range.rev() {
+                id[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+                v >>= 4;
+            }
+        };
+        put(0..8, hi >> 32);
+        put(9..13, (hi >> 16) & 0xffff);
+        put(14..18, hi & 0xffff);
+        put(19..23, lo >> 48);
+        put(24..36, lo & 0xffff_ffff_ffff);
+        HeaderValue::from_bytes(&id).expect("hex digits and dashes")
+    }
+}
+
+/// splitmix64's finaliser: a bijection on u64.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_are_written_with_microseconds() {
+        let ms = |d| Millis(d).to_string();
+        assert_eq!(ms(Duration::from_micros(12_345)), "12.345");
+        assert_eq!(ms(Duration::from_nanos(999)), "0.000");
+        assert_eq!(ms(Duration::from_secs(2)), "2000.000");
+    }
+
+    #[test]
+    fn request_ids_are_distinct_v4_shaped_uuids() {
+        let ids = RequestIds::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = ids.next().to_str().unwrap().to_owned();
+            let groups: Vec<&str> = id.split('-').collect();
+            let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+            assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!("89ab".contains(&groups[3][..1]), "RFC 4122 variant: {id}");
+            assert!(seen.insert(id));
+        }
+        // Another process (another key) makes other ids.
+        let other = RequestIds::new();
+        assert!(!seen.contains(other.next().to_str().unwrap()));
+    }
+
+    #[test]
+    fn credentials_are_marked_sensitive_and_the_id_goes_both_ways() {
+        use tower::{Layer, Service};
+        let app = tower::service_fn(|req: Request<()>| {
+            let sensitive: Vec<bool> = SENSITIVE
+                .iter()
+                .flat_map(|n| {
+                    req.headers()
+                        .get_all(n)
+                        .iter()
+                        .map(HeaderValue::is_sensitive)
+                })
+                .collect();
+            let id = req.headers()[&X_REQUEST_ID].clone();
+            std::future::ready(Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .header("x-seen", format!("{sensitive:?} {}", id.to_str().unwrap()))
+                    .body(())
+                    .unwrap(),
+            ))
+        });
+        let mut svc = AccessLogLayer::new().layer(app);
+        let req = Request::builder()
+            .header("authorization", "Bearer secret")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-request-id", "chosen")
+            .body(())
+            .unwrap();
+        let res = futures_lite_block_on(svc.call(req)).unwrap();
+        assert_eq!(res.headers()["x-seen"], "[true, true, true] chosen");
+        assert_eq!(res.headers()["x-request-id"], "chosen");
+        let res = futures_lite_block_on(svc.call(Request::new(()))).unwrap();
+        let made = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(made.len(), 36);
+        assert!(res.headers()["x-seen"].to_str().unwrap().ends_with(&made));
+    }
+
+    /// The futures here are ready at once.
+    fn futures_lite_block_on<F: std::future::Future>(fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("not ready at once"),
+        }
     }
 }
