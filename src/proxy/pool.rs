@@ -207,7 +207,7 @@ impl Pool {
 
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let now = Instant::now();
-        let here = std::thread::current().id();
+        let here = this_thread();
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let idle = &mut idle.iter_mut().find(|(thread, _)| *thread == here)?.1;
         let mut i = idle.len();
@@ -227,7 +227,7 @@ impl Pool {
     }
 
     fn put(&self, conn: Conn) {
-        let here = std::thread::current().id();
+        let here = this_thread();
         let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let at = match idle.iter().position(|(thread, _)| *thread == here) {
             Some(at) => at,
@@ -277,6 +277,14 @@ impl Pool {
             task: task.abort_handle(),
         })
     }
+}
+
+/// This thread's id, without `thread::current()`'s reference count traffic on every call.
+fn this_thread() -> ThreadId {
+    thread_local! {
+        static HERE: ThreadId = std::thread::current().id();
+    }
+    HERE.with(|id| *id)
 }
 
 /// A request body that says when it has been sent whole.
