@@ -425,3 +425,41 @@ async fn one_connection_to_the_machine_serves_bodies_of_every_kind_in_turn() {
         "every response should have left its connection to the machine reusable"
     );
 }
+
+/// A request that waits for a start is given storage of its own while it waits (its head no
+/// longer points into the connection's read buffer): it must reach the machine byte for byte
+/// as the same request sent to a running machine does.
+#[tokio::test]
+async fn a_request_that_waited_for_a_start_arrives_as_one_that_did_not() {
+    let backend = FakeBackend::new(Duration::from_millis(300));
+    let route = route(backend.clone()).build().unwrap();
+    let addr = front(route).await;
+    let raw = b"GET /app/echo%20x?q=1&r=%C3%A9 HTTP/1.1\r\n\
+        Host: front.test\r\n\
+        X-Multi: one\r\n\
+        X-Multi: two\r\n\
+        X-Obs: caf\xc3\xa9\r\n\
+        Authorization: Bearer t\r\n\
+        Connection: close\r\n\r\n";
+    let echo = |raw: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        serde_json::from_str::<serde_json::Value>(body).unwrap()
+    };
+    let cold = echo(raw).await;
+    assert_eq!(backend.starts(), 1);
+    let warm = echo(raw).await;
+    assert_eq!(backend.starts(), 1);
+    assert_eq!(cold, warm);
+    assert_eq!(cold["uri"], "/app/echo%20x?q=1&r=%C3%A9");
+    assert_eq!(
+        cold["headers"]["x-multi"],
+        serde_json::json!(["one", "two"])
+    );
+    assert_eq!(cold["headers"]["x-obs"], serde_json::json!(["café"]));
+}
