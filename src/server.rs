@@ -525,28 +525,51 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A connection whose first bytes are no HTTP/2 preface goes straight to hyper's HTTP/1 server:
 /// the auto-detecting one replays the bytes it read to tell, and its HTTP/1 side then grows its
 /// 8 KiB read buffer to 16 KiB for the rest of the head, for as long as the connection lives.
-async fn serve_connection<S, B>(
+#[allow(clippy::manual_async_fn)]
+fn serve_connection<S, B>(
     conn: Connection,
     service: Tracked<S>,
     protocols: Arc<Protocols>,
     mut phase: tokio::sync::watch::Receiver<Phase>,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let peer = service.peer;
-    #[cfg(feature = "http2")]
-    if conn.may_be_http2().await {
-        // Boxed: its state is large, and would otherwise be reserved in every connection's
-        // task, HTTP/1 ones included.
-        let mut serving = Box::pin(
-            protocols
-                .auto
-                .serve_connection_with_upgrades(TokioIo::new(conn), service),
-        );
+    // Not an `async fn`: rustc would keep room for its arguments twice in the state every
+    // connection's task holds (rust-lang/rust#62958).
+    async move {
+        let peer = service.peer;
+        #[cfg(feature = "http2")]
+        // Boxed: the peek and its timer are needed once, not for the connection's life.
+        if Box::pin(conn.may_be_http2()).await {
+            // Boxed: its state is large, and would otherwise be reserved in every connection's
+            // task, HTTP/1 ones included.
+            let mut serving = Box::pin(
+                protocols
+                    .auto
+                    .serve_connection_with_upgrades(TokioIo::new(conn), service),
+            );
+            let served = tokio::select! {
+                served = &mut serving => served,
+                () = reached(&mut phase, Phase::Draining) => {
+                    serving.as_mut().graceful_shutdown();
+                    serving.await
+                }
+            };
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        let serving = protocols
+            .http1
+            .serve_connection(TokioIo::new(conn), service)
+            .with_upgrades();
+        tokio::pin!(serving);
         let served = tokio::select! {
             served = &mut serving => served,
             () = reached(&mut phase, Phase::Draining) => {
@@ -557,22 +580,6 @@ async fn serve_connection<S, B>(
         if let Err(e) = served {
             debug!(%peer, error = %e, "connection ended with an error");
         }
-        return;
-    }
-    let serving = protocols
-        .http1
-        .serve_connection(TokioIo::new(conn), service)
-        .with_upgrades();
-    tokio::pin!(serving);
-    let served = tokio::select! {
-        served = &mut serving => served,
-        () = reached(&mut phase, Phase::Draining) => {
-            serving.as_mut().graceful_shutdown();
-            serving.await
-        }
-    };
-    if let Err(e) = served {
-        debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
