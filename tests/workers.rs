@@ -188,3 +188,39 @@ async fn every_connection_under_the_cap_is_served_whatever_its_worker() {
     }
     serving.abort();
 }
+
+/// Draining closes a keep-alive connection between requests at once: it does not wait for the
+/// connection's keep-alive timeout (a minute by default), nor leave it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_when_the_server_drains() {
+    for workers in [1, 2] {
+        let server = Server::new().workers(workers);
+        let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listeners.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.serve(listeners, app(), async {
+            let _ = stopped.await;
+        }));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "workers = {workers}");
+        stop.send(()).unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("workers = {workers}: the idle connection stayed open"));
+        assert_eq!(
+            closed.unwrap(),
+            0,
+            "workers = {workers}: closed without another response"
+        );
+        tokio::time::timeout(Duration::from_secs(5), serving)
+            .await
+            .unwrap_or_else(|_| panic!("workers = {workers}: the server did not end"))
+            .unwrap()
+            .unwrap();
+    }
+}
