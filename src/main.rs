@@ -257,6 +257,13 @@ async fn serve(config: Config, path: &std::path::Path, listen_from_flag: bool) -
                 "could not stop the machine; it is LEFT RUNNING: stop it by hand"
             );
             left_running += 1;
+        } else if handle.cleanup_failed() {
+            // A failed or cancelled start whose VM (or process) could not be removed.
+            error!(
+                machine = %handle.name(),
+                "what a failed start made could not be removed; it may be LEFT RUNNING: check and remove it by hand"
+            );
+            left_running += 1;
         }
     }
     if left_running > 0 {

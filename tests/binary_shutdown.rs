@@ -78,3 +78,34 @@ async fn sigterm_during_a_vm_start_that_never_becomes_ready_deletes_the_vm_and_e
         .assert_refused_or_closed(std::time::Duration::from_secs(5))
         .await;
 }
+
+/// A start cancelled by SIGTERM whose VM the Compute API then refuses to delete: the VM may
+/// bill on, so the exit says so (non-zero, an ERROR naming the machine), as for a machine that
+/// cannot be stopped.
+#[tokio::test]
+async fn a_cancelled_start_whose_vm_cannot_be_deleted_is_named_and_the_exit_is_non_zero() {
+    let emu = gce_support::emulator().await;
+    emu.set_never_healthy(true);
+    let config = config(&emu, "1s", "undeletable", "start_timeout = \"10m\"\n");
+    let mut proxy = Proxy::start(&config, &[("GCE_METADATA_HOST", &emu.metadata_host())]);
+    let _parked = Parked::get(proxy.addr, "/vm/hello");
+    common::eventually(std::time::Duration::from_secs(20), || {
+        proxy.log().contains("probing readiness")
+    })
+    .await;
+    emu.fail_next("instances.delete", 1000, 403, "forbidden");
+    emu.fail_next("instances.stop", 1000, 403, "forbidden");
+
+    let code = proxy.signal_and_wait(Signal::SIGTERM).await;
+    let log = proxy.log();
+    assert_ne!(code, Some(0), "exited 0 with the VM left:\n{log}");
+    let left = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("LEFT RUNNING"))
+        .unwrap_or_else(|| panic!("no ERROR naming the machine left:\n{log}"));
+    assert!(left.contains("undeletable"), "{left}");
+    assert!(
+        emu.instance(gce_support::ZONE, "undeletable").is_some(),
+        "the VM is there, as the log says"
+    );
+}

@@ -188,6 +188,10 @@ pub(crate) struct Machine {
     /// A request that does not wait (a waiting page) asked for the machine during a stop or a
     /// status check: start it once that is over, as for a waiter, though none may be left.
     wanted: bool,
+    /// What a failed start left could not be removed (the backend's stop failed): it may still
+    /// run, and bill, though the machine is recorded absent. Cleared by the next start that
+    /// succeeds (which finds it again) or stop that does.
+    leftover: bool,
 }
 
 impl Machine {
@@ -212,6 +216,7 @@ impl Machine {
             ready_at: now,
             last_recorded: None,
             wanted: false,
+            leftover: false,
         }
     }
 
@@ -403,6 +408,7 @@ impl Machine {
         self.generation += 1;
         self.last_active = now;
         self.ready_at = now;
+        self.leftover = false;
         // The failure count is kept until the run proves healthy (see `gone` and `begin_stop`):
         // a machine that dies right after every start backs off exponentially.
         self.backoff_until = None;
@@ -550,10 +556,22 @@ impl Machine {
         Action::None
     }
 
+    /// The backend's stop after a failed start failed: whatever the start made may still run.
+    pub(crate) fn cleanup_failed(&mut self) {
+        self.leftover = true;
+    }
+
+    /// Whether a failed start left something the backend could not remove (see
+    /// [`cleanup_failed`](Self::cleanup_failed)).
+    pub(crate) fn leftover(&self) -> bool {
+        self.leftover
+    }
+
     /// The backend's stop returned. Requests that arrived meanwhile start the machine again.
     pub(crate) fn stop_done(&mut self, now: Instant) -> Action {
         debug_assert_eq!(self.state, State::Stopping);
         self.stop_issued = false;
+        self.leftover = false;
         self.stopping_endpoint = None;
         self.set(State::Absent, now);
         self.restart_if_wanted(now)
@@ -649,6 +667,26 @@ mod tests {
         assert!(m.activity_report_due(t));
         assert!(!m.activity_report_due(t + Duration::from_secs(14)));
         assert!(m.activity_report_due(t + Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn a_failed_cleanup_is_remembered_until_a_start_succeeds() {
+        let t = Instant::now();
+        let mut m = Machine::new(limits(), t);
+        let _ = wait(m.admit(t, None));
+        m.start_failed(err("no capacity"), t);
+        assert!(!m.leftover(), "the cleanup succeeded");
+        let later = t + Duration::from_secs(10);
+        let _ = wait(m.admit(later, None));
+        m.start_failed(err("never ready"), later);
+        m.cleanup_failed();
+        assert!(m.leftover());
+        assert_eq!(m.state(), State::Absent);
+        let again = later + Duration::from_secs(60);
+        let _ = wait(m.admit(again, None));
+        assert!(m.leftover(), "still there while the next start runs");
+        let _ = m.start_succeeded(ep(1), again);
+        assert!(!m.leftover(), "the start found the machine again");
     }
 
     use super::*;

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, Endpoint, Status};
 use crate::probe::{self, ProbeConfig};
@@ -525,15 +525,22 @@ impl Lifecycle {
             // Stop before reporting, so a retry after the back-off cannot race this cleanup;
             // but not a machine another replica serves through (the failure may be this
             // replica's own, e.g. its route to the machine).
+            let mut cleaned = true;
             if matches!(self.backend.in_use_elsewhere().await, Ok(true)) {
                 warn!(machine = %self.name, %error, "{what} here, but another replica uses the machine; leaving it running");
             } else {
                 warn!(machine = %self.name, %error, "{what}; stopping whatever was started");
                 if let Err(e) = self.backend.stop().await {
-                    warn!(machine = %self.name, error = %e, "cleanup after a failed start failed");
+                    error!(machine = %self.name, error = %e, "cleanup after a failed start failed: what it started may still be running");
+                    cleaned = false;
                 }
             }
-            self.decide(what, |m, now| m.start_failed(Arc::new(error), now));
+            self.decide(what, |m, now| {
+                m.start_failed(Arc::new(error), now);
+                if !cleaned {
+                    m.cleanup_failed();
+                }
+            });
             // The machine ended absent without a stop: a stop waiting for this start is done.
             self.stops.fetch_add(1, Ordering::SeqCst);
             self.tx.send_modify(|_| {});
@@ -765,6 +772,13 @@ impl Handle {
     /// The current state.
     pub fn state(&self) -> State {
         self.lifecycle.state()
+    }
+
+    /// Whether the backend failed to remove what a failed or cancelled start had made (a VM
+    /// created, a process spawned), so that it may still run, and bill, while the machine is
+    /// recorded [`State::Absent`]. Cleared by the next start or stop that succeeds.
+    pub fn cleanup_failed(&self) -> bool {
+        self.lifecycle.lock().leftover()
     }
 
     /// Requests being served by the machine now (a streaming body or an upgraded connection
