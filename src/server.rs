@@ -555,16 +555,7 @@ where
                     .auto
                     .serve_connection_with_upgrades(TokioIo::new(conn), service),
             );
-            let served = tokio::select! {
-                served = &mut serving => served,
-                () = drain.wait() => {
-                    serving.as_mut().graceful_shutdown();
-                    serving.await
-                }
-            };
-            if let Err(e) = served {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
+            until_drained(serving.as_mut(), &drain, peer, |s| s.graceful_shutdown()).await;
             return;
         }
         let serving = protocols
@@ -572,16 +563,30 @@ where
             .serve_connection(TokioIo::new(conn), service)
             .with_upgrades();
         tokio::pin!(serving);
-        let served = tokio::select! {
-            served = &mut serving => served,
-            () = drain.wait() => {
-                serving.as_mut().graceful_shutdown();
-                serving.await
-            }
-        };
-        if let Err(e) = served {
-            debug!(%peer, error = %e, "connection ended with an error");
+        until_drained(serving, &drain, peer, |s| s.graceful_shutdown()).await;
+    }
+}
+
+/// Serves a connection to its end, shutting it down gracefully (hyper's `graceful_shutdown`,
+/// which each protocol's connection has) once the accept loop drains.
+async fn until_drained<F, E>(
+    mut serving: Pin<&mut F>,
+    drain: &Drain,
+    peer: SocketAddr,
+    graceful_shutdown: impl FnOnce(Pin<&mut F>),
+) where
+    F: std::future::Future<Output = Result<(), E>> + ?Sized,
+    E: std::fmt::Display,
+{
+    let served = tokio::select! {
+        served = serving.as_mut() => served,
+        () = drain.wait() => {
+            graceful_shutdown(serving.as_mut());
+            serving.await
         }
+    };
+    if let Err(e) = served {
+        debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
