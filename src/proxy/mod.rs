@@ -185,11 +185,19 @@ impl<F: Future, G: FnOnce()> Future for OnPending<F, G> {
 /// would keep that buffer from being reused, and hyper, reading on to see whether the client
 /// hangs up, would allocate a second one: 8 KiB more per waiting connection, for copies of a
 /// few hundred bytes.
+///
+/// Only a head of at most [`DETACH_MAX`] bytes is copied: the copy saves one 8 KiB buffer, and a
+/// large head (hyper takes heads of up to ~400 KB) copied would cost more than it frees — a
+/// client could double what each of its parked connections holds.
 fn detach<B>(req: &mut Request<B>, target: &mut PathAndQuery) {
-    // One allocation for every byte kept, sliced (slices of `Bytes` share it).
     let uri = req.uri().to_string();
     let values: usize = req.headers().values().map(|v| v.len()).sum();
-    let mut buf = bytes::BytesMut::with_capacity(uri.len() + target.as_str().len() + values);
+    let total = uri.len() + target.as_str().len() + values;
+    if total > DETACH_MAX {
+        return;
+    }
+    // One allocation for every byte kept, sliced (slices of `Bytes` share it).
+    let mut buf = bytes::BytesMut::with_capacity(total);
     buf.extend_from_slice(uri.as_bytes());
     buf.extend_from_slice(target.as_str().as_bytes());
     for value in req.headers().values() {
@@ -211,6 +219,9 @@ fn detach<B>(req: &mut Request<B>, target: &mut PathAndQuery) {
         }
     }
 }
+
+/// The largest request head (target and header values) [`detach`] copies.
+const DETACH_MAX: usize = 4096;
 
 /// A connect error that says the proxy's own process or host ran out of something (descriptors,
 /// buffers, memory, local ports) rather than that the machine is unreachable.
@@ -457,4 +468,53 @@ fn waiting_page<B>(
     debug!(machine = %status.name, state = status.state.name(), "waiting page");
     let head = req.method() == http::Method::HEAD;
     waiting::response(template, &status, why, head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where a header value's bytes are: a copy moves them.
+    fn at(req: &Request<()>, name: &str) -> *const u8 {
+        req.headers()[name].as_bytes().as_ptr()
+    }
+
+    #[test]
+    fn detach_copies_a_usual_head_and_leaves_a_huge_one_alone() {
+        let shared = bytes::Bytes::from_static(b"/app/x?q=1");
+        let mut target = PathAndQuery::from_maybe_shared(shared).unwrap();
+        let mut req = Request::builder()
+            .uri("/app/x?q=1")
+            .header("x-one", "1")
+            .header("x-multi", "a")
+            .header("x-multi", "b")
+            .body(())
+            .unwrap();
+        req.headers_mut()
+            .get_mut("x-one")
+            .unwrap()
+            .set_sensitive(true);
+        let before = at(&req, "x-one");
+        detach(&mut req, &mut target);
+        assert_ne!(at(&req, "x-one"), before, "copied");
+        assert!(req.headers()["x-one"].is_sensitive());
+        let multi: Vec<_> = req.headers().get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+        assert_eq!(target.as_str(), "/app/x?q=1");
+        assert_eq!(req.uri(), "/app/x?q=1");
+
+        let big = "x".repeat(DETACH_MAX);
+        let mut req = Request::builder()
+            .uri("/app/x")
+            .header("x-big", big.as_str())
+            .body(())
+            .unwrap();
+        let before = at(&req, "x-big");
+        detach(&mut req, &mut target);
+        assert_eq!(
+            at(&req, "x-big"),
+            before,
+            "a head over DETACH_MAX is not copied"
+        );
+    }
 }
