@@ -217,6 +217,8 @@ impl Pool {
             let stale = c.addr != addr
                 || c.tx.is_closed()
                 || now.saturating_duration_since(c.idle_since) > self.shared.idle_timeout;
+            // Not ready yet (given back the moment its body ended, before hyper's task asked
+            // for the next request): kept, and passed over this time.
             if stale {
                 idle.swap_remove(i);
             } else if c.tx.is_ready() {
