@@ -530,3 +530,40 @@ async fn record_activity_survives_a_fingerprint_race() {
         .collect();
     assert!(sets.ends_with(&[412, 200]), "{sets:?}");
 }
+
+/// An insert Compute Engine has not acted on yet when a forced stop cancels its start: the
+/// cleanup must not look for the VM before the insert is answered, or it finds none and the
+/// VM the insert then creates runs on, billed and unknown to the proxy.
+#[tokio::test]
+async fn a_start_cancelled_while_its_insert_is_in_flight_leaves_no_vm() {
+    let emu = emulator().await;
+    emu.hold_next("instances.insert", 1, ms(1500));
+    let route = route(backend(&emu, "inflight").build().unwrap());
+    let app = app(route.clone());
+    let request = tokio::spawn(async move { call(&app, "/vm/x").await });
+    // The insert is sent (the first call of a start with no VM believed to exist) and held.
+    tokio::time::sleep(ms(500)).await;
+    assert!(
+        emu.instance(ZONE, "inflight").is_none(),
+        "held: not created yet"
+    );
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        route.handle().stop_now(),
+    )
+    .await
+    .expect("the forced stop ends");
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("cancelled"), "{body}");
+    // Past the hold: whatever the insert made has been taken down.
+    tokio::time::sleep(ms(1500)).await;
+    assert!(
+        emu.instance(ZONE, "inflight").is_none(),
+        "the VM created by the in-flight insert was left: {:?}",
+        emu.instance(ZONE, "inflight").map(|i| i.status)
+    );
+    assert_eq!(emu.count("instances.insert"), 1);
+    assert_eq!(emu.count("instances.delete"), 1);
+    assert_eq!(route.handle().state(), State::Absent);
+}

@@ -314,7 +314,20 @@ pub(crate) async fn handle(
         log(&world, name, &method, &uri, 411);
         return res;
     }
-    let res = handle_route(&world, name, route, &uri, &headers, &body).await;
+    let hold = world.lock().take_hold(name);
+    let res = match hold {
+        // Like Compute Engine, a call that arrived is carried out even if its client goes away.
+        Some(d) => {
+            let (world, uri) = (world.clone(), uri.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                handle_route(&world, name, route, &uri, &headers, &body).await
+            })
+            .await
+            .expect("the emulator's handler does not panic")
+        }
+        None => handle_route(&world, name, route, &uri, &headers, &body).await,
+    };
     let delay = world.lock().take_delay(name);
     if let Some(d) = delay {
         tokio::time::sleep(d).await;

@@ -19,7 +19,7 @@
 //! [`Emulator::set_wait_returns_early`], [`Emulator::preempt`],
 //! [`Emulator::set_never_healthy`], [`Emulator::set_stockout`],
 //! [`Emulator::set_spot_stockout`], [`Emulator::hang_next_operation`],
-//! [`Emulator::delay_next`]) and the calls received inspected ([`Emulator::calls`]). A request
+//! [`Emulator::delay_next`], [`Emulator::hold_next`]) and the calls received inspected ([`Emulator::calls`]). A request
 //! without `Authorization` gets Google's 401 (`required`, `CREDENTIALS_MISSING`); the instances
 //! can be looked at without a token at `GET /emulator/instances`.
 //! Dropping the [`Emulator`] stops its server and every instance's server.
@@ -363,6 +363,16 @@ impl Emulator {
         self.world
             .lock()
             .delays
+            .push((method.to_owned(), count, delay));
+    }
+
+    /// The next `count` calls of `method` take effect `delay` after they arrive, and are
+    /// answered then: a call still in flight (e.g. an `instances.insert` Compute Engine has not
+    /// acted on yet, so that a `get` meanwhile finds no instance).
+    pub fn hold_next(&self, method: &str, count: usize, delay: Duration) {
+        self.world
+            .lock()
+            .holds
             .push((method.to_owned(), count, delay));
     }
 

@@ -336,6 +336,9 @@ pub(crate) struct State {
     /// (method, remaining, delay): answers computed at once, sent after the delay (a stale
     /// read, as from a slow list).
     pub(crate) delays: Vec<(String, usize, Duration)>,
+    /// (method, remaining, delay): calls that take effect only after the delay (still in
+    /// flight, as far as the API is concerned).
+    pub(crate) holds: Vec<(String, usize, Duration)>,
     /// Zones seen in calls, listed (with a warning when empty) by aggregatedList.
     pub(crate) zones: std::collections::BTreeSet<String>,
     pub(crate) wait_early: bool,
@@ -363,11 +366,11 @@ impl State {
     }
 
     pub(crate) fn take_delay(&mut self, method: &str) -> Option<Duration> {
-        let d = self.delays.iter_mut().find(|d| d.0 == method && d.1 > 0)?;
-        d.1 -= 1;
-        let out = d.2;
-        self.delays.retain(|d| d.1 > 0);
-        Some(out)
+        take_one(&mut self.delays, method)
+    }
+
+    pub(crate) fn take_hold(&mut self, method: &str) -> Option<Duration> {
+        take_one(&mut self.holds, method)
     }
 
     pub(crate) fn take_hang(&mut self, method: &str) -> bool {
@@ -663,4 +666,13 @@ impl World {
             world.bump();
         });
     }
+}
+
+/// The delay of the first entry for `method` in `list`, counted down.
+fn take_one(list: &mut Vec<(String, usize, Duration)>, method: &str) -> Option<Duration> {
+    let d = list.iter_mut().find(|d| d.0 == method && d.1 > 0)?;
+    d.1 -= 1;
+    let out = d.2;
+    list.retain(|d| d.1 > 0);
+    Some(out)
 }

@@ -74,7 +74,7 @@ mod spec;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -89,7 +89,7 @@ pub use spec::{Accelerator, ProvisioningModel, TerminationAction};
 
 use crate::backend::{Backend, BackendFuture, Endpoint, Status};
 use crate::route::ConfigError;
-use api::{Api, ApiConfig, AuthSource, Instance, Retry};
+use api::{Api, ApiConfig, AuthSource, Instance, Operation, Retry};
 use spec::{Attempt, InstanceSpec, ACTIVE_LABEL};
 
 /// How an idle VM is taken down.
@@ -122,7 +122,10 @@ pub enum Address {
 pub struct GceBackend {
     spec: InstanceSpec,
     insert_body: Value,
-    api: Api,
+    api: Arc<Api>,
+    /// Held by an `instances.insert` from the moment it is sent until its answer: a stop waits
+    /// for it (see [`GceBackend::insert`]).
+    inserting: Arc<tokio::sync::Mutex<()>>,
     address: Address,
     stop_policy: StopPolicy,
     status_interval: Option<Duration>,
@@ -543,7 +546,8 @@ impl GceBackendBuilder {
         Ok(GceBackend {
             spec,
             insert_body,
-            api,
+            api: Arc::new(api),
+            inserting: Arc::default(),
             address: self.address,
             stop_policy: self.stop_policy,
             status_interval: self.status_interval,
@@ -852,7 +856,7 @@ impl GceBackend {
             body["labels"][ACTIVE_LABEL] = Value::String(now.to_string());
             // Ours from now on, even if the insert's operation never ends.
             let before = self.last_written.swap(now, Ordering::SeqCst);
-            let outcome = match self.api.insert(&zone, &body).await {
+            let outcome = match self.insert(&zone, body).await {
                 Ok(op) => self
                     .api
                     .wait(&zone, "instances.insert", op, deadline)
@@ -903,6 +907,26 @@ impl GceBackend {
         }
     }
 
+    /// `instances.insert`, in a task of its own. Once sent, an insert may create the VM whether
+    /// or not its answer is read: a start dropped while it is in flight (a forced stop,
+    /// `start_timeout`) must not drop it with the start, or the cleanup that follows could look
+    /// for the VM before Compute Engine has made it, find none, and leave it running. The stop
+    /// that cleans up waits for it first (see [`GceBackend::stop_vm`]).
+    async fn insert(&self, zone: &str, body: Value) -> Result<Operation, GceError> {
+        let held = self.inserting.clone().lock_owned().await;
+        let api = self.api.clone();
+        let zone = zone.to_owned();
+        let call = tokio::spawn(async move {
+            let answer = api.insert(&zone, &body).await;
+            drop(held);
+            answer
+        });
+        call.await.unwrap_or_else(|e| {
+            let e = GceError::new(GceErrorKind::Other, "instances.insert", "", e.to_string());
+            Err(e.at(&self.spec.name, &self.zone_now()))
+        })
+    }
+
     /// The VM runs in `zone`: remember it and answer its address.
     fn serve(&self, zone: &str, inst: Instance) -> Result<Endpoint, GceError> {
         let ep = self.endpoint_of(&inst)?;
@@ -919,6 +943,13 @@ impl GceBackend {
 
     async fn stop_vm(&self) -> Result<(), GceError> {
         let deadline = Instant::now() + self.stop_timeout;
+        // An insert whose start was dropped may still create the VM: let it answer first.
+        if tokio::time::timeout_at(deadline, self.inserting.lock())
+            .await
+            .is_err()
+        {
+            warn!(instance = %self.spec.name, "an instances.insert is still unanswered at the stop timeout; looking for the VM anyway");
+        }
         let zone = self.zone_now();
         let zone = zone.as_str();
         loop {
