@@ -113,6 +113,17 @@ async fn stockout_in_zone_a_is_served_from_zone_b_and_leaves_nothing_in_a() {
     assert!(calls
         .iter()
         .any(|c| c.method == "instances.delete" && c.path.contains(&format!("/zones/{A}/"))));
+    // The operator sees where it runs and why not in A (admin API, status page).
+    let placement = route
+        .handle()
+        .status()
+        .placement
+        .expect("the backend says where");
+    assert!(placement.starts_with(&format!("{B}/")), "{placement}");
+    assert!(
+        placement.contains(&format!("refused: {A}/")) && placement.contains("ZONE_RESOURCE_POOL"),
+        "{placement}"
+    );
 
     // The serving zone is remembered: the next cold start goes to B at once, even with A
     // back in stock.
@@ -130,6 +141,12 @@ async fn stockout_in_zone_a_is_served_from_zone_b_and_leaves_nothing_in_a() {
         .collect();
     assert_eq!(inserts.len(), 1, "{inserts:?}");
     assert!(inserts[0].contains(&format!("/zones/{B}/")), "{inserts:?}");
+    let placement = route.handle().status().placement.unwrap();
+    assert!(
+        !placement.contains("refused"),
+        "this start was refused nothing: {placement}"
+    );
+    assert!(placement.starts_with(&format!("{B}/")), "{placement}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use crate::lifecycle::{Handle, StartTimings, State};
 
 /// `name`, `state`, `endpoint`, `in_flight`, `waiting`, `state_since` (RFC 3339, UTC),
 /// `starting_phase`, `idle_stop_in_seconds`, `last_error`, `boot_seconds`, `boot_phases`,
-/// `ready_in_seconds`, `last_start`.
+/// `ready_in_seconds`, `last_start`, `placement`.
 pub(super) fn machine(handle: &Handle) -> Value {
     let s = handle.status();
     let endpoint = match s.state {
@@ -27,6 +27,7 @@ pub(super) fn machine(handle: &Handle) -> Value {
         "boot_phases": s.boot_phases.map(phases),
         "ready_in_seconds": s.ready_in.map(|d| seconds(d.as_secs_f64())),
         "last_start": s.last_start.map(phases),
+        "placement": s.placement,
     })
 }
 

@@ -146,6 +146,13 @@ pub trait Backend: Send + Sync + 'static {
     fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
         Box::pin(async { Ok(false) })
     }
+
+    /// Where the machine runs, or is being brought up, or last ran, in the backend's words,
+    /// with what the last start tried and was refused on the way (for the admin API and the
+    /// status page; never shown to anonymous clients). The default: nothing to say.
+    fn placement(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -172,5 +179,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
         (**self).in_use_elsewhere()
+    }
+    fn placement(&self) -> Option<String> {
+        (**self).placement()
     }
 }

@@ -824,6 +824,7 @@ impl Handle {
             boot_phases: observed.boot_phases(),
             ready_in: observed.ready_in(state, now),
             last_start: observed.last_start(),
+            placement: lc.backend.placement(),
         }
     }
 

@@ -76,6 +76,9 @@ pub struct MachineStatus {
     pub ready_in: Option<Duration>,
     /// The last cold start's phases.
     pub last_start: Option<StartTimings>,
+    /// Where the backend says the machine runs or was last brought up, and what its last start
+    /// was refused ([`Backend::placement`](crate::backend::Backend::placement)).
+    pub placement: Option<String>,
 }
 
 #[derive(Debug, Default)]

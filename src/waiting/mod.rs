@@ -275,6 +275,7 @@ mod tests {
             boot_phases: None,
             ready_in: None,
             last_start: None,
+            placement: None,
         }
     }
 

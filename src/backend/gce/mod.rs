@@ -141,6 +141,17 @@ pub struct GceBackend {
     /// The instance as last seen by a start, for the first activity record (its fingerprint
     /// saves a `get`).
     seen: Mutex<Option<Instance>>,
+    /// Where the VM is or is being brought up, and what the last start was refused.
+    placement: Mutex<Placement>,
+}
+
+/// What [`Backend::placement`] tells of the last start.
+#[derive(Debug, Default)]
+struct Placement {
+    /// Zone, machine type and provisioning model of the VM (tried or serving).
+    at: Option<String>,
+    /// The options refused by the last start, each with its reason.
+    refused: Vec<String>,
 }
 
 /// Default of [`GceBackendBuilder::stop_timeout`].
@@ -557,6 +568,7 @@ impl GceBackendBuilder {
             serving: Mutex::new(None),
             exists_hint: AtomicBool::new(false),
             seen: Mutex::new(None),
+            placement: Mutex::default(),
         })
     }
 }
@@ -752,6 +764,19 @@ impl GceBackend {
         )
     }
 
+    fn placed_at(&self, a: &Attempt) {
+        lock(&self.placement).at = Some(self.describe(a));
+    }
+
+    fn placement_refused(&self, a: &Attempt, e: &GceError) {
+        let reason = match e.reason() {
+            "" => "no capacity",
+            reason => reason,
+        };
+        let refused = format!("{}: {reason}", self.describe(a));
+        lock(&self.placement).refused.push(refused);
+    }
+
     /// Every option refused: one error naming each attempt and its reason.
     fn exhausted(&self, refused: &[(Attempt, GceError)]) -> GceError {
         let tried: Vec<String> = refused
@@ -813,6 +838,7 @@ impl GceBackend {
     }
 
     async fn start_vm(&self) -> Result<Endpoint, GceError> {
+        lock(&self.placement).refused.clear();
         let deadline = Instant::now() + START_BACKSTOP;
         let several = self.spec.zones.len() > 1;
         let mut refused: Vec<(Attempt, GceError)> = Vec::new();
@@ -827,12 +853,14 @@ impl GceBackend {
         loop {
             if let Some((zone, known)) = target.take() {
                 self.set_zone(&zone);
+                self.placed_at(&self.attempt_in(&zone));
                 match self.drive(&zone, known, deadline).await? {
                     Drive::Running(inst) => return self.serve(&zone, inst),
                     Drive::Gone => self.exists_hint.store(false, Ordering::SeqCst),
                     Drive::NoCapacity(e) => {
                         let at = self.attempt_in(&zone);
                         warn!(instance = %self.spec.name, zone, error = %e, "no capacity to start the instance here");
+                        self.placement_refused(&at, &e);
                         refused.push((at, e));
                         if self.next_attempt(&refused).is_none() {
                             // Nothing else to try: keep the stopped VM (and its disk) for later.
@@ -849,6 +877,7 @@ impl GceBackend {
             };
             let zone = self.spec.zones[at.zone].clone();
             self.set_zone(&zone);
+            self.placed_at(&at);
             info!(instance = %self.spec.name, attempt = %self.describe(&at), "creating the instance");
             let mut body = self.spec.insert_body_for(&at);
             let now = unix_now() as u64;
@@ -898,6 +927,7 @@ impl GceBackend {
                 }
                 Err(e) if e.kind() == GceErrorKind::NoCapacity => {
                     warn!(instance = %self.spec.name, attempt = %self.describe(&at), error = %e, "no capacity; trying the next option");
+                    self.placement_refused(&at, &e);
                     crate::telemetry::backend_call(&self.spec.name, "fallback", "capacity");
                     refused.push((at, e));
                     self.clean_up(&zone).await;
@@ -936,6 +966,9 @@ impl GceBackend {
         if served.is_none_or(|a| self.spec.zones[a.zone] != zone) {
             let here = self.attempt_in(zone);
             *lock(&self.serving) = Some(here);
+        }
+        if let Some(serving) = *lock(&self.serving) {
+            self.placed_at(&serving);
         }
         *lock(&self.seen) = Some(inst);
         Ok(ep)
@@ -1163,6 +1196,15 @@ impl Backend for GceBackend {
 
     fn idle_everywhere(&self, idle_timeout: Duration) -> BackendFuture<'_, bool> {
         Box::pin(async move { Ok(self.idle_check(idle_timeout).await?) })
+    }
+
+    fn placement(&self) -> Option<String> {
+        let p = lock(&self.placement);
+        let at = p.at.as_deref()?;
+        Some(match p.refused.as_slice() {
+            [] => at.to_owned(),
+            refused => format!("{at} (refused: {})", refused.join("; ")),
+        })
     }
 
     fn in_use_elsewhere(&self) -> BackendFuture<'_, bool> {
