@@ -900,7 +900,7 @@ impl AsyncRead for Connection {
         this.expired = true;
         if head.is_some() {
             // Best effort: the connection is between responses, so nothing else is writing.
-            let _ = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_RESPONSE);
+            let _ = Pin::new(&mut this.io).poll_write(cx, &request_timeout_response());
             debug!("request head not received in time: 408");
         } else {
             debug!(h2 = this.h2, "idle connection closed");
@@ -910,8 +910,15 @@ impl AsyncRead for Connection {
     }
 }
 
-const REQUEST_TIMEOUT_RESPONSE: &[u8] =
-    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+/// Written by hand: hyper has no request to answer. With a `Date`, which RFC 9110 §6.6.1 asks
+/// of every 4xx from a server with a clock.
+fn request_timeout_response() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ndate: {}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    )
+    .into_bytes()
+}
 
 impl Connection {
     /// A client that reads nothing of its response for `send_timeout` is gone or attacking

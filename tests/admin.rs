@@ -432,6 +432,11 @@ async fn the_events_head_says_event_stream() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-type"], "text/event-stream");
     assert_eq!(body, "");
+    // What the admin API says is for the token's holder only: no cache keeps it.
+    for path in ["/events", "/machines", "/", "/nowhere"] {
+        let (_, headers, _) = call(addr, "HEAD", path, &[]).await;
+        assert_eq!(headers["cache-control"], "no-store", "{path}");
+    }
 }
 
 #[tokio::test]

@@ -83,6 +83,12 @@ async fn a_slowloris_head_gets_408_and_is_closed() {
     let text = String::from_utf8_lossy(&out);
     assert!(r.is_ok(), "a trickled head held the connection: {text:?}");
     assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    // RFC 9110 §6.6.1: a server with a clock sends Date in every 4xx.
+    let date = text
+        .lines()
+        .find_map(|l| l.strip_prefix("date: "))
+        .unwrap_or_else(|| panic!("no Date: {text:?}"));
+    httpdate::parse_http_date(date).expect("an IMF-fixdate");
 }
 
 #[tokio::test]

@@ -266,6 +266,10 @@ impl Admin {
             ["machines", _, "start" | "stop"] | ["stop"] => method_not_allowed("POST"),
             _ => not_found(uri.path()),
         };
+        let mut res = res;
+        // Every answer here is for the token's holder: no browser cache keeps one (RFC 9111
+        // §3.5 covers shared caches only), the event stream and the metrics included.
+        no_store(&mut res);
         ready(if head { without_body(res) } else { res })
     }
 
