@@ -243,6 +243,20 @@ impl Server {
     pub fn bind(&self, addr: SocketAddr) -> io::Result<Listeners> {
         let backlog = effective_backlog(self.listen_backlog);
         let count = if cfg!(unix) { self.workers } else { 1 };
+        #[cfg(unix)]
+        if count > 1 && addr.port() != 0 {
+            // SO_REUSEPORT would also let these sockets join another process's group on the
+            // port (a second vmproxy, an old one still running): the kernel would split the
+            // connections between the two, silently. A socket without it cannot bind a port
+            // someone listens on, so one bound and dropped first says whether it is free.
+            let probe = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            probe.set_reuse_address(true)?;
+            probe.bind(&addr.into())?;
+        }
         let mut sockets = Vec::with_capacity(count);
         let mut addr = addr;
         for _ in 0..count {

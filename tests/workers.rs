@@ -224,3 +224,23 @@ async fn an_idle_keep_alive_connection_is_closed_when_the_server_drains() {
             .unwrap();
     }
 }
+
+/// The workers' sockets share the port with SO_REUSEPORT, which would also let a second server
+/// (another vmproxy, an old one still running) join them and take half the connections,
+/// silently. A port another server listens on is refused as in use, whatever its workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_a_port_in_use_is_refused() {
+    let first = Server::new().workers(2);
+    let held = first.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = held.local_addr().unwrap();
+    for workers in [1, 2, 4] {
+        let second = Server::new().workers(workers).bind(addr);
+        let err = second
+            .err()
+            .unwrap_or_else(|| panic!("{workers} workers joined {addr}"));
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    }
+    drop(held);
+    let again = Server::new().workers(2).bind(addr);
+    assert!(again.is_ok(), "free again: {:?}", again.err());
+}
