@@ -326,3 +326,29 @@ fn the_command_outlives_the_thread_that_started_it() {
     drop(backend);
     assert!(gone_within(pid, Duration::from_secs(5)));
 }
+
+/// `$PORT` and `${PORT}` as a shell would read them, in a command run without one.
+#[tokio::test]
+async fn the_port_variable_works_in_a_command_without_a_shell() {
+    for spelling in ["${PORT}", "$PORT"] {
+        let backend = Arc::new(
+            ProcessBackend::new([
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                spelling,
+            ])
+            .unwrap()
+            .quiet(true),
+        );
+        let route = python_route(backend.clone());
+        let handle = route.handle();
+        let addr = front(route).await;
+        let (status, _, body) = get_text(addr, "/").await;
+        assert_eq!(status, StatusCode::OK, "{spelling}: {body}");
+        handle.stop().await;
+        assert_eq!(handle.state(), State::Absent);
+    }
+}

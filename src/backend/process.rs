@@ -143,9 +143,31 @@ fn command_alive(_pid: Pid) -> bool {
     true
 }
 
+/// `arg` with `{port}`, `${PORT}` and `$PORT` (not followed by a name's character, as a shell
+/// reads it) replaced by `port`.
+fn with_port(arg: &str, port: &str) -> String {
+    let arg = arg.replace("{port}", port).replace("${PORT}", port);
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg.as_str();
+    while let Some(at) = rest.find("$PORT") {
+        let after = &rest[at + 5..];
+        let longer = after
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        out.push_str(&rest[..at]);
+        out.push_str(if longer { "$PORT" } else { port });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 impl ProcessBackend {
-    /// A backend that runs `command` (program, then arguments). `{port}` in an argument is
-    /// replaced by the port the child must listen on at 127.0.0.1, also given as `$PORT`.
+    /// A backend that runs `command` (program, then arguments). `{port}`, `$PORT` and
+    /// `${PORT}` in an argument are replaced by the port the child must listen on at
+    /// 127.0.0.1, which is also in its environment as `PORT`: the command needs no shell to
+    /// use it (no other variable is expanded).
     pub fn new<I, S>(command: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = S>,
@@ -222,7 +244,7 @@ impl ProcessBackend {
             .port();
         let port_text = port.to_string();
         let mut cmd = Command::new(&self.program);
-        cmd.args(self.args.iter().map(|a| a.replace("{port}", &port_text)))
+        cmd.args(self.args.iter().map(|a| with_port(a, &port_text)))
             .env("PORT", &port_text)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -657,5 +679,23 @@ mod supervisor {
             libc::close(fd);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_is_put_in_place_of_port_and_both_spellings_of_the_variable() {
+        assert_eq!(with_port("{port}", "8123"), "8123");
+        assert_eq!(with_port("--port=${PORT}", "8123"), "--port=8123");
+        assert_eq!(with_port("$PORT", "8123"), "8123");
+        assert_eq!(with_port("exec srv $PORT -x", "8123"), "exec srv 8123 -x");
+        assert_eq!(
+            with_port("$PORTS $PORT_X $PORT", "8123"),
+            "$PORTS $PORT_X 8123"
+        );
+        assert_eq!(with_port("${HOME} $HOST", "8123"), "${HOME} $HOST");
     }
 }
