@@ -716,6 +716,14 @@ stop_grace = "10s"
 
         let e = err("listen = [");
         assert!(e.to_string().contains("line 1"), "{e}");
+
+        // A name goes into log lines: a newline in it would forge one.
+        let e = err(&GOOD.replace(
+            "strip_prefix = false",
+            "strip_prefix = false\nname = \"a\\nb\"",
+        ));
+        assert_eq!(e.key(), "route[0].name", "{e}");
+        assert!(e.to_string().contains("control characters"), "{e}");
     }
 
     #[test]

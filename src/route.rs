@@ -486,10 +486,16 @@ impl RouteBuilder {
         )
         .map_err(|e| ConfigError::new("waiting_page_template", e.to_string()))?;
         let idle_timeout = self.idle_timeout.filter(|d| !d.is_zero());
-        let name: Arc<str> = self
-            .name
-            .unwrap_or_else(|| self.backend.name().to_owned())
-            .into();
+        let name = self.name.unwrap_or_else(|| self.backend.name().to_owned());
+        // The name goes into log lines, metric labels and pages: a newline in it would forge
+        // a log line.
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                "name",
+                format!("{name:?} is empty or has control characters"),
+            ));
+        }
+        let name: Arc<str> = name.into();
         let lifecycle = Lifecycle::new(
             name,
             self.backend,
