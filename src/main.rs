@@ -314,7 +314,8 @@ impl std::io::Write for PacedStderr {
 
 /// Requests no route takes. They reach nothing, but bad ones still get the status that says
 /// why: a CONNECT is no tunnel here (405), and a request without exactly one Host is malformed
-/// (400, RFC 9112 §3.2).
+/// (400, RFC 9112 §3.2). `OPTIONS *` asks about the server in general (RFC 9110 §9.3.7): the
+/// methods it serves.
 // A plain service rather than an axum `Router` fallback: the router boxed both bodies and
 // cloned a boxed service on every request, proxied ones included.
 fn not_found<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
@@ -327,15 +328,19 @@ fn not_found<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
         );
         res
     };
+    let allow = || HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH");
+    if req.method() == Method::OPTIONS && req.uri() == "*" {
+        let mut res = text(StatusCode::OK, String::new());
+        res.headers_mut().remove(header::CONTENT_TYPE);
+        res.headers_mut().insert(header::ALLOW, allow());
+        return res;
+    }
     if req.method() == Method::CONNECT {
         let mut res = text(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not served here: this is no forward proxy\n".into(),
         );
-        res.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
-        );
+        res.headers_mut().insert(header::ALLOW, allow());
         res
     } else {
         let hosts = req.headers().get_all(header::HOST).iter().count();

@@ -353,6 +353,19 @@ async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
         "{}",
         String::from_utf8_lossy(&raw)
     );
+    // `OPTIONS *` asks about the server itself (RFC 9110 §9.3.7): no route, no 404.
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: front.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("\r\nallow: get, head, post, put, delete, options, trace, patch\r\n"),
+        "{text}"
+    );
 
     let code = r.proxy.signal_and_wait(Signal::SIGTERM).await;
     assert_eq!(code, Some(0), "SIGTERM must exit 0:\n{}", r.proxy.log());

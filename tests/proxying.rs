@@ -297,6 +297,11 @@ async fn max_forwards_zero_is_answered_here_without_waking_the_machine() {
         .unwrap();
     let res = send(addr, req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    // RFC 9110 §9.3.7: the answer to OPTIONS says what may be asked.
+    assert_eq!(
+        res.headers()["allow"],
+        "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+    );
     assert_eq!(
         backend.starts(),
         0,

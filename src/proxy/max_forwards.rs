@@ -13,6 +13,9 @@ const NOT_REFLECTED: [header::HeaderName; 4] = [
     header::SET_COOKIE,
 ];
 
+/// The methods a route forwards (all but CONNECT).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
 /// Applies `Max-Forwards` to a request; returns the answer when this hop is the last one.
 pub(crate) fn apply<B>(req: &mut http::Request<B>) -> Option<Response<Bytes>> {
     if req.method() != Method::OPTIONS && req.method() != Method::TRACE {
@@ -33,6 +36,11 @@ pub(crate) fn apply<B>(req: &mut http::Request<B>) -> Option<Response<Bytes>> {
     }
     let mut res = Response::new(Bytes::new());
     *res.status_mut() = StatusCode::OK;
+    if req.method() == Method::OPTIONS {
+        // RFC 9110 §9.3.7: what may be asked of the target — every method the proxy forwards.
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    }
     if req.method() == Method::TRACE {
         let mut echo = format!("TRACE {} {:?}\r\n", req.uri(), req.version());
         for (name, value) in req.headers() {
