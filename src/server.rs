@@ -84,6 +84,8 @@ pub struct RequestBody {
     /// A frame is being awaited: the clock runs. Not while the reader is away, which is the
     /// machine's back-pressure, not the client's silence.
     waiting: bool,
+    /// With `Expect: 100-continue`: set once the body is asked for (hyper then sends the 100).
+    asked: Option<Arc<AtomicBool>>,
 }
 
 /// A request body sent nothing for the server's `request_body_timeout`.
@@ -111,6 +113,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some(asked) = this.asked.take() {
+            asked.store(true, Ordering::Release);
+        }
         if let Poll::Ready(frame) = this.body.poll_frame(cx) {
             *this.waiting = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
@@ -1020,19 +1025,31 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let timeout = self.body_timeout;
+        let asked = expects_continue(&req).then(Arc::default);
         let mut req = req.map(|body| RequestBody {
             body,
             timeout,
             sleep: None,
             waiting: false,
+            asked: asked.clone(),
         });
         req.extensions_mut().insert(ClientAddr(self.peer));
         self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
         TrackedFuture {
             fut: Oneshot::new(self.inner.clone(), req),
             guard: Some(InFlight(self.conn.clone())),
+            asked,
         }
     }
+}
+
+/// An HTTP/1.1 request that waits for `100 Continue` before it sends its body.
+fn expects_continue<B>(req: &Request<B>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Counts one request in flight on its connection until dropped.
@@ -1050,6 +1067,8 @@ struct TrackedFuture<F> {
     #[pin]
     fut: F,
     guard: Option<InFlight>,
+    /// The request waits for `100 Continue`: see [`RequestBody`]'s `asked`.
+    asked: Option<Arc<AtomicBool>>,
 }
 
 impl<F, B, E> Future for TrackedFuture<F>
@@ -1061,7 +1080,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
+        let mut res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
+        if this
+            .asked
+            .take()
+            .is_some_and(|asked| !asked.load(Ordering::Acquire))
+        {
+            // Answered before its body was asked for: hyper sends no 100 and closes the
+            // connection after this response. RFC 9110 §10.1.1 asks that the client be told.
+            res.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             this.guard
                 .as_ref()

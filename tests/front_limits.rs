@@ -326,3 +326,43 @@ async fn upgraded_connections_count_against_max_connections() {
     drop(ws1);
     assert!(one_response(&mut c).await.starts_with("HTTP/1.1 404"));
 }
+
+/// A request that waits for `100 Continue` and is answered without its body being asked for:
+/// hyper closes the connection after the answer, and the answer says so (RFC 9110 §10.1.1), so
+/// the client neither sends the body nor reuses the connection. A request whose body is
+/// drained keeps its connection.
+#[tokio::test]
+async fn an_early_answer_to_expect_100_continue_says_the_connection_closes() {
+    let p = proxy("");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST /nothing HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let text = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "closed without saying so: {text}"
+    );
+
+    // Without Expect, hyper reads the small body past the answer and keeps the connection.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"POST /nothing HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let first = one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let second = one_response(&mut s).await;
+    assert!(second.contains("no route for /again"), "{second}");
+}
