@@ -32,7 +32,7 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `Forwarded` itself), and so are their underscore spellings (`X_Forwarded_For`), which CGI and
 /// WSGI backends merge with the real field (both become `HTTP_X_FORWARDED_FOR`), and their
 /// appearance as trailers.
-const FORWARDING_FAMILY: [&str; 17] = [
+const FORWARDING_FAMILY: [&str; 23] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
@@ -50,6 +50,13 @@ const FORWARDING_FAMILY: [&str; 17] = [
     "x-original-url",
     "x-rewrite-url",
     "forwarded",
+    // Read by some frameworks and proxies for the same purposes.
+    "x-forwarded",
+    "forwarded-for",
+    "x-cluster-client-ip",
+    "x-proxyuser-ip",
+    "x-host",
+    "x-forwarded-client-cert",
 ];
 
 /// Whether `name` is one of [`FORWARDING_FAMILY`], in any spelling of `-` as `_`.
@@ -286,15 +293,14 @@ pub(crate) fn for_backend(
 }
 
 /// Drops what a client may have written of [`FORWARDING_FAMILY`]: the underscore spellings
-/// always, the rest unless a trusted front wrote them. `X-Forwarded-For` is kept, since the
-/// proxy appends to it and its last entry is the proxy's own.
+/// always, the rest unless a trusted front wrote them. `X-Forwarded-For` too: many backends
+/// take its first entry for the client, which a client could otherwise write.
 fn remove_forged_forwarding(headers: &mut HeaderMap, trusted: bool) {
     let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
             let n = n.as_str();
-            is_forwarding_field(n)
-                && (n.contains('_') || (!trusted && n != X_FORWARDED_FOR.as_str()))
+            is_forwarding_field(n) && (n.contains('_') || !trusted)
         })
         .cloned()
         .collect();
@@ -478,9 +484,20 @@ mod tests {
             HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
         );
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        for_backend(&mut h, &arrival(), None);
+        let untrusted = h.clone();
+        // Behind a trusted front: appended to, one field.
+        let trusted = Arrival {
+            trust_forwarded: true,
+            ..arrival()
+        };
+        for_backend(&mut h, &trusted, None);
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3");
+        // Otherwise what the client wrote is dropped: the client's address alone.
+        let mut h = untrusted;
+        for_backend(&mut h, &arrival(), None);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert_eq!(h[header::HOST], "example.com");
         assert_eq!(h[&X_FORWARDED_HOST], "example.com");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
