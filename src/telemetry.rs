@@ -156,6 +156,18 @@ pub(crate) fn scope<F: Future>(machine: &Arc<str>, fut: F) -> impl Future<Output
     MACHINE.scope(machine.clone(), fut)
 }
 
+/// `fut` in the current task's machine scope: for a task spawned from it, which would otherwise
+/// log and count under the backend's own name.
+pub(crate) fn carried<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    let machine = MACHINE.try_with(Arc::clone).ok();
+    async move {
+        match machine {
+            Some(machine) => MACHINE.scope(machine, fut).await,
+            None => fut.await,
+        }
+    }
+}
+
 /// The name a backend call is recorded under: the route's, else the backend's own.
 fn machine_or(fallback: &str) -> SharedString {
     MACHINE

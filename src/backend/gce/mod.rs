@@ -946,11 +946,11 @@ impl GceBackend {
         let held = self.inserting.clone().lock_owned().await;
         let api = self.api.clone();
         let zone = zone.to_owned();
-        let call = tokio::spawn(async move {
+        let call = tokio::spawn(crate::telemetry::carried(async move {
             let answer = api.insert(&zone, &body).await;
             drop(held);
             answer
-        });
+        }));
         call.await.unwrap_or_else(|e| {
             let e = GceError::new(GceErrorKind::Other, "instances.insert", "", e.to_string());
             Err(e.at(&self.spec.name, &self.zone_now()))
