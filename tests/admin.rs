@@ -359,6 +359,53 @@ async fn a_post_from_another_origin_is_refused() {
     assert_eq!(status, StatusCode::ACCEPTED);
 }
 
+/// DNS rebinding: an attacker's page whose name resolves to 127.0.0.1 is of the same origin as
+/// a token-less admin API. Without a token, only requests to an IP address or `localhost` are
+/// answered; with one, the name does not matter (the page has no token).
+#[tokio::test]
+async fn without_a_token_a_request_by_a_name_is_refused() {
+    let (layer, backend) = two_machines();
+    let open = serve_admin(Admin::for_layer(&layer)).await;
+    let guarded = serve_admin(Admin::for_layer(&layer).token("t0ken")).await;
+    let raw = |addr: SocketAddr, request: String| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let port = open.port();
+    let rebound = format!(
+        "POST /machines/alpha/start HTTP/1.1\r\nHost: evil.example:{port}\r\n\
+         Origin: http://evil.example:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let res = raw(open, rebound).await;
+    assert!(res.starts_with("HTTP/1.1 403"), "{res}");
+    let read =
+        format!("GET /machines HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n");
+    let res = raw(open, read).await;
+    assert!(res.starts_with("HTTP/1.1 403"), "{res}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(backend.starts(), 0);
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "127.0.0.1".to_owned(),
+    ] {
+        let req = format!("GET /machines HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let res = raw(open, req).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{host}: {res}");
+    }
+    // With a token a name is fine: the token is what guards it.
+    let port = guarded.port();
+    let named = format!(
+        "GET /machines HTTP/1.1\r\nHost: admin.example:{port}\r\nAuthorization: Bearer t0ken\r\nConnection: close\r\n\r\n"
+    );
+    let res = raw(guarded, named).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+}
+
 /// Reads from a raw event stream until `want` is seen in a `data:` line; returns that line.
 async fn read_event(stream: &mut TcpStream, seen: &mut String, want: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -391,7 +438,7 @@ async fn events_stream_state_changes_and_snapshots() {
 
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /events HTTP/1.1\r\nhost: admin.test\r\n\r\n")
+        .write_all(b"GET /events HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut seen = String::new();

@@ -34,6 +34,9 @@
 //!
 //! **Cross-site requests.** A `POST` whose `Origin` names another host than its `Host` is refused
 //! (`403`), so a web page cannot stop machines through a browser on the operator's machine.
+//! Without a token, a request whose `Host` is a name other than `localhost` is refused too
+//! (`403`): a page whose name an attacker's DNS points at 127.0.0.1 (DNS rebinding) would
+//! otherwise be of the same origin as the API.
 //!
 //! # Example
 //!
@@ -197,6 +200,12 @@ impl Admin {
         // The page holds no data: a browser can load it without a header, and its script then
         // sends the token on every call.
         let page = matches!(segments.as_slice(), [""]);
+        if inner.token.is_none() && !addressed_by_number(uri, headers) {
+            return ready(error(
+                StatusCode::FORBIDDEN,
+                "without a token, the admin API answers requests to an IP address or localhost only",
+            ));
+        }
         if !page {
             if let Some(refused) = self.unauthorized(headers) {
                 return ready(refused);
@@ -360,6 +369,29 @@ fn same_secret(given: &[u8], token: &[u8]) -> bool {
         .zip(token)
         .fold(0u8, |acc, (a, b)| acc | std::hint::black_box(a ^ b));
     diff == 0
+}
+
+/// Whether the request names this server by an IP address or `localhost`, not by a name a DNS
+/// server could point anywhere (DNS rebinding).
+fn addressed_by_number(uri: &http::Uri, headers: &HeaderMap) -> bool {
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+    let Some(authority) = authority else {
+        return true; // HTTP/1.0 without Host: no name to rebind
+    };
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// A `POST` from a page of another origin is refused: browsers send `Origin` on it, and a form
