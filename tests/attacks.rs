@@ -397,6 +397,21 @@ async fn an_http2_scheme_says_nothing_about_the_connection() {
     assert_eq!(header(&echo, "host"), ["front.test"], "{echo}");
     let forwarded = header(&echo, "forwarded").join(",");
     assert!(forwarded.ends_with("proto=http"), "{forwarded}");
+
+    // No :authority and no Host (RFC 9113 §8.3.1): refused, not given the machine's address.
+    let req = http::Request::get("/app/h")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    // A Host instead of :authority is enough.
+    let req = http::Request::get("/app/h")
+        .header("host", "front.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
 }
 
 #[tokio::test]

@@ -270,6 +270,17 @@ pub(crate) fn admissible<B: Body>(route: &Route, req: &Request<B>) -> Result<(),
     }
     headers::check_host(req.headers(), req.version())
         .map_err(|e| Error::bad_request(machine, e))?;
+    // RFC 9113 §8.3.1, RFC 9110 §7.2: an HTTP/2 request names its authority in `:authority` or
+    // `Host`. Without either, the machine would get its own address as Host.
+    if req.version() == Version::HTTP_2
+        && req.uri().authority().is_none()
+        && !req.headers().contains_key(http::header::HOST)
+    {
+        return Err(Error::bad_request(
+            machine,
+            "an HTTP/2 request needs :authority or Host",
+        ));
+    }
     headers::check_framing(req.headers()).map_err(|e| match e {
         headers::Framing::Ambiguous => Error::bad_request_body(
             machine,
