@@ -472,11 +472,24 @@ async fn accept_loop<S, B>(
     let mut connections = tokio::task::JoinSet::new();
     let drain = Arc::new(Drain::default());
     let protocols = Arc::new(Protocols {
-        http1: hyper::server::conn::http1::Builder::new(),
+        http1: {
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            // hyper's default (~400 KB) is what a client could make each connection hold with
+            // a request head it never finishes; heads past this are a 431.
+            http1.max_buf_size(MAX_BUF);
+            http1
+        },
         #[cfg(feature = "http2")]
         auto: {
             let mut auto = auto::Builder::new(TokioExecutor::new());
-            auto.http2().timer(TokioTimer::new());
+            auto.http1().max_buf_size(MAX_BUF);
+            // Flow-control windows bound what a client can send that nobody reads yet (the
+            // body of a request waiting for a start): hyper's default is 1 MB per connection.
+            auto.http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW);
             auto
         },
     });
@@ -510,6 +523,7 @@ async fn accept_loop<S, B>(
         let tracked = Tracked {
             inner: service.clone(),
             conn: conn.state.clone(),
+            slots: shared.slots.clone(),
             peer,
             body_timeout: limits.request_body_timeout,
         };
@@ -528,6 +542,18 @@ async fn accept_loop<S, B>(
         () = reached(&mut phase, Phase::Abort) => {}
     }
 }
+
+/// The most an HTTP/1 connection buffers of what it reads, a request head included (nginx's
+/// default for a head is 32 KiB).
+const MAX_BUF: usize = 64 * 1024;
+/// HTTP/2 streams at once on one connection (nginx: 128), and the flow-control windows (RFC
+/// 9113's initial window is 64 KiB).
+#[cfg(feature = "http2")]
+const MAX_STREAMS: u32 = 128;
+#[cfg(feature = "http2")]
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+#[cfg(feature = "http2")]
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 
 /// A worker's connection builders.
 struct Protocols {
@@ -1008,6 +1034,8 @@ impl AsyncWrite for Connection {
 struct Tracked<S> {
     inner: S,
     conn: Arc<ConnState>,
+    /// The server's connection slots: an HTTP/2 stream beyond a connection's first takes one.
+    slots: Arc<tokio::sync::Semaphore>,
     peer: SocketAddr,
     body_timeout: Duration,
 }
@@ -1034,10 +1062,29 @@ where
             asked: asked.clone(),
         });
         req.extensions_mut().insert(ClientAddr(self.peer));
-        self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
-        TrackedFuture {
+        let others = self.conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        // Each request in flight may hold a connection to its machine: a descriptor, as a
+        // client connection is. HTTP/1 has one request at a time per connection, which its
+        // slot covers; HTTP/2 streams beyond the first take slots of their own, or many streams
+        // on a few connections would hold past `max_connections` (and the open-file limit).
+        let extra = if others == 0 {
+            None
+        } else {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    self.conn.request_ended();
+                    debug!(peer = %self.peer, "stream refused: every slot is taken");
+                    return TrackedFuture::Refused;
+                }
+            }
+        };
+        TrackedFuture::Serving {
             fut: Oneshot::new(self.inner.clone(), req),
-            guard: Some(InFlight(self.conn.clone())),
+            guard: Some(InFlight {
+                conn: self.conn.clone(),
+                _slot: extra,
+            }),
             asked,
         }
     }
@@ -1053,22 +1100,48 @@ fn expects_continue<B>(req: &Request<B>) -> bool {
 }
 
 /// Counts one request in flight on its connection until dropped.
-struct InFlight(Arc<ConnState>);
+struct InFlight {
+    conn: Arc<ConnState>,
+    /// An HTTP/2 stream's own slot, given back with it.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.request_ended();
+        self.conn.request_ended();
     }
 }
 
 /// The response future of [`Tracked`].
-#[pin_project]
-struct TrackedFuture<F> {
-    #[pin]
-    fut: F,
-    guard: Option<InFlight>,
-    /// The request waits for `100 Continue`: see [`RequestBody`]'s `asked`.
-    asked: Option<Arc<AtomicBool>>,
+#[pin_project(project = TrackedProj)]
+enum TrackedFuture<F> {
+    Serving {
+        #[pin]
+        fut: F,
+        guard: Option<InFlight>,
+        /// The request waits for `100 Continue`: see [`RequestBody`]'s `asked`.
+        asked: Option<Arc<AtomicBool>>,
+    },
+    /// An HTTP/2 stream with no slot left for it.
+    Refused,
+}
+
+/// What a stream refused for want of a slot is answered: retry soon, as for a full server.
+fn refused<B>() -> Response<TrackedBody<B>> {
+    let text =
+        "503 Service Unavailable: the server has as many requests in flight as it can hold\n";
+    let mut res = Response::new(TrackedBody::Text(Some(Bytes::from_static(text.as_bytes()))));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = res.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    res
 }
 
 impl<F, B, E> Future for TrackedFuture<F>
@@ -1079,10 +1152,12 @@ where
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
-        if this
-            .asked
+        let (fut, guard, asked) = match self.project() {
+            TrackedProj::Serving { fut, guard, asked } => (fut, guard, asked),
+            TrackedProj::Refused => return Poll::Ready(Ok(refused())),
+        };
+        let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;
+        if asked
             .take()
             .is_some_and(|asked| !asked.load(Ordering::Acquire))
         {
@@ -1094,24 +1169,28 @@ where
             );
         }
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            this.guard
+            guard
                 .as_ref()
                 .expect("polled after completion")
-                .0
+                .conn
                 .upgraded
                 .store(true, Ordering::Release);
         }
-        let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
+        let guard = guard.take();
+        Poll::Ready(Ok(res.map(|body| TrackedBody::Inner { body, guard })))
     }
 }
 
 /// A response body that keeps its request counted in flight until it ends.
-#[pin_project]
-struct TrackedBody<B> {
-    #[pin]
-    body: B,
-    guard: Option<InFlight>,
+#[pin_project(project = TrackedBodyProj)]
+enum TrackedBody<B> {
+    Inner {
+        #[pin]
+        body: B,
+        guard: Option<InFlight>,
+    },
+    /// A refusal's text.
+    Text(Option<Bytes>),
 }
 
 impl<B> Body for TrackedBody<B>
@@ -1126,19 +1205,32 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = ready!(this.body.poll_frame(cx));
+        let (body, guard) = match self.project() {
+            TrackedBodyProj::Inner { body, guard } => (body, guard),
+            TrackedBodyProj::Text(text) => {
+                return Poll::Ready(text.take().map(|t| Ok(Frame::data(t))))
+            }
+        };
+        let frame = ready!(body.poll_frame(cx));
         if frame.is_none() {
-            this.guard.take();
+            guard.take();
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            TrackedBody::Inner { body, .. } => body.is_end_stream(),
+            TrackedBody::Text(text) => text.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            TrackedBody::Inner { body, .. } => body.size_hint(),
+            TrackedBody::Text(text) => {
+                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+        }
     }
 }

@@ -366,3 +366,34 @@ async fn an_early_answer_to_expect_100_continue_says_the_connection_closes() {
     let second = one_response(&mut s).await;
     assert!(second.contains("no route for /again"), "{second}");
 }
+
+/// What one connection can make the front hold with a request head it never finishes is
+/// bounded (64 KiB; hyper's default was ~400 KB, ~4 GB at the default connection cap): a head
+/// past it is a 431 and the connection is closed.
+#[tokio::test]
+async fn a_request_head_past_64_kib_is_a_431() {
+    let p = proxy("");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut head = b"GET /nothing HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    head.extend(std::iter::repeat_n(b'A', 70 * 1024));
+    // Never finished: the front answers once its buffer is full, not at the end of the head.
+    let _ = s.write_all(&head).await;
+    let text = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    // A large but reasonable head (48 KiB of cookies) is still served.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut head = b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\nCookie: c=".to_vec();
+    head.extend(std::iter::repeat_n(b'A', 48 * 1024));
+    head.extend_from_slice(b"\r\n\r\n");
+    s.write_all(&head).await.unwrap();
+    let text = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 404"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+}

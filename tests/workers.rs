@@ -244,3 +244,114 @@ async fn a_second_server_on_a_port_in_use_is_refused() {
     let again = Server::new().workers(2).bind(addr);
     assert!(again.is_ok(), "free again: {:?}", again.err());
 }
+
+/// HTTP/2 streams past the first on a connection take connection slots of their own: each may
+/// hold a connection to a machine (a descriptor), and a few connections with many streams would
+/// otherwise hold past `max_connections` and the open-file limit. One past the cap is a 503 with
+/// `Retry-After`; the slots come back when the streams end.
+#[cfg(feature = "http2")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_cap_are_refused_and_their_slots_come_back() {
+    let server = Server::new().max_connections(3);
+    let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listeners.local_addr().unwrap();
+    tokio::spawn(server.serve(listeners, app(), std::future::pending()));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let slow = || {
+        http::Request::get("http://x/slow")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    // The connection's slot and two more: three streams at once; the fourth finds none.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut tx = tx.clone();
+        let req = slow();
+        calls.spawn(async move {
+            let res = tx.send_request(req).await.unwrap();
+            let retry = res.headers().get("retry-after").cloned();
+            (res.status().as_u16(), retry)
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        let (status, retry) = done.unwrap();
+        if status == 503 {
+            assert_eq!(retry.unwrap(), "1");
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 503]);
+    // Ended streams gave their slots back.
+    let mut tx = tx.clone();
+    let res = tx.send_request(slow()).await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// What an HTTP/2 client can send that nobody reads yet (the body of a request waiting for a
+/// start) is bounded by the flow-control window the server announces: 64 KiB a stream, not
+/// hyper's default 1 MB (300 connections made a front hold 330 MB).
+#[cfg(feature = "http2")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_http2_body_is_held_to_the_window() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// 16 KiB frames for ever, counting what the client's connection took of them.
+    struct Endless(Arc<AtomicUsize>);
+    impl http_body::Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            self.0.fetch_add(16 * 1024, Ordering::SeqCst);
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+                vec![b'x'; 16 * 1024],
+            )))))
+        }
+    }
+
+    // A handler that holds the request without reading its body, as a parked request does.
+    let app = Router::new().route(
+        "/parked",
+        axum::routing::post(|_body: axum::body::Body| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "late"
+        }),
+    );
+    let server = Server::new();
+    let listeners = server.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listeners.local_addr().unwrap();
+    tokio::spawn(server.serve(listeners, app, std::future::pending()));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let taken = Arc::new(AtomicUsize::new(0));
+    let req = http::Request::post("http://x/parked")
+        .body(Endless(taken.clone()))
+        .unwrap();
+    let call = tokio::spawn(async move { tx.send_request(req).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = taken.load(Ordering::SeqCst);
+    call.abort();
+    assert!(
+        sent <= 160 * 1024,
+        "the client could push {sent} bytes nobody read"
+    );
+    assert!(sent >= 16 * 1024, "nothing was sent: {sent}");
+}
