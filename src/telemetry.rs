@@ -158,6 +158,7 @@ pub(crate) fn scope<F: Future>(machine: &Arc<str>, fut: F) -> impl Future<Output
 
 /// `fut` in the current task's machine scope: for a task spawned from it, which would otherwise
 /// log and count under the backend's own name.
+#[cfg(feature = "gce")]
 pub(crate) fn carried<F: Future>(fut: F) -> impl Future<Output = F::Output> {
     let machine = MACHINE.try_with(Arc::clone).ok();
     async move {
