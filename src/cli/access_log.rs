@@ -87,7 +87,7 @@ where
                 values.iter_mut().for_each(|v| v.set_sensitive(true));
             }
         }
-        let id = match headers.get(&X_REQUEST_ID) {
+        let id = match headers.get(&X_REQUEST_ID).filter(|id| usable_id(id)) {
             Some(id) => id.clone(),
             None => {
                 let id = self.ids.next();
@@ -95,6 +95,7 @@ where
                 id
             }
         };
+        keep_past_connection(headers);
         // `RUST_LOG=vmproxy::access=off` makes this a relaxed load and a branch.
         let seen = tracing::enabled!(target: "vmproxy::access", Level::INFO).then(|| Seen {
             method: req.method().clone(),
@@ -105,6 +106,41 @@ where
             inner: self.inner.call(req),
             id: Some(id),
             seen,
+        }
+    }
+}
+
+/// A client's id is kept if it is a plain token (what logs and the machine can take as is):
+/// 1 to 128 visible ASCII characters, and one field only.
+fn usable_id(id: &HeaderValue) -> bool {
+    (1..=128).contains(&id.len()) && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A `Connection` field naming `x-request-id` would make the proxy drop the id on the way to
+/// the machine, whose logs would then not match this one's: the token is taken out.
+fn keep_past_connection(headers: &mut http::HeaderMap) {
+    let named = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("x-request-id"))
+        })
+    });
+    if !named {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("x-request-id"))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::CONNECTION);
+    if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+        if !value.is_empty() {
+            headers.insert(header::CONNECTION, value);
         }
     }
 }
@@ -306,6 +342,39 @@ mod tests {
         let made = res.headers()["x-request-id"].to_str().unwrap().to_owned();
         assert_eq!(made.len(), 36);
         assert!(res.headers()["x-seen"].to_str().unwrap().ends_with(&made));
+        // An id that is no plain token is replaced, not logged empty and passed on.
+        for odd in [&b"caf\xc3\xa9"[..], b"a b", b""] {
+            let req = Request::builder()
+                .header("x-request-id", HeaderValue::from_bytes(odd).unwrap())
+                .body(())
+                .unwrap();
+            let res = futures_lite_block_on(svc.call(req)).unwrap();
+            assert_eq!(res.headers()["x-request-id"].len(), 36, "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn connection_cannot_take_the_id_from_the_machine() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Request-Id, close"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-request-id"));
+        keep_past_connection(&mut h);
+        assert_eq!(h.get_all(header::CONNECTION).iter().count(), 1);
+        assert_eq!(h[header::CONNECTION], "close");
+        let mut h = http::HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-request-id"));
+        keep_past_connection(&mut h);
+        assert!(h.get(header::CONNECTION).is_none());
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-other"),
+        );
+        keep_past_connection(&mut h);
+        assert_eq!(h[header::CONNECTION], "keep-alive, x-other", "untouched");
     }
 
     /// The futures here are ready at once.
