@@ -226,6 +226,28 @@ pub(crate) struct Arrival<'a> {
     pub(crate) trust_forwarded: bool,
 }
 
+/// RFC 9113 §8.2.3: HTTP/2 may split `Cookie` into several fields; before they go on in
+/// HTTP/1.1 they MUST be one, joined with `"; "` (many servers read only the first).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(mut value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        value.set_sensitive(
+            headers
+                .get(header::COOKIE)
+                .is_some_and(HeaderValue::is_sensitive),
+        );
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 fn via_value(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
         Version::HTTP_09 => "0.9 vmproxy",
@@ -265,6 +287,9 @@ pub(crate) fn for_backend(
         headers.insert(header::UPGRADE, upgrade);
     }
     remove_forged_forwarding(headers, arrival.trust_forwarded);
+    if arrival.version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
 
     // The target's authority is the Host: for an absolute-form target (RFC 9112 §3.2.2) and
     // for HTTP/2's :authority (RFC 9113 §8.3.1); HTTP/1.1 backends need Host.
@@ -533,6 +558,24 @@ mod tests {
         );
         assert_eq!(h[header::HOST], "example.com:8443");
         assert_eq!(h[header::VIA], "2 vmproxy");
+    }
+
+    #[test]
+    fn http2_cookie_fields_go_on_as_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let h2 = Arrival {
+            version: Version::HTTP_2,
+            ..arrival()
+        };
+        let mut one = h.clone();
+        for_backend(&mut one, &h2, None);
+        assert_eq!(one.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
+        // HTTP/1.1 sends one Cookie field (RFC 6265 §5.4): what came is passed on as it came.
+        for_backend(&mut h, &arrival(), None);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 2);
     }
 
     #[test]
