@@ -100,6 +100,11 @@ pub(crate) fn match_route(prefixes: &[String], strip_prefix: bool, uri: &Uri) ->
 /// Why `raw` may mean one path to us and another to a backend, if it may; `normalized` is
 /// `normalize(raw)`.
 fn ambiguity(raw: &str, normalized: &str) -> Option<&'static str> {
+    if !raw.is_ascii() {
+        // RFC 9112 §3.2 and RFC 3986 allow none: a backend that maps Unicode to ASCII (NFKC,
+        // "best fit") would read the full-width "．．／" as "../".
+        return Some("bytes outside ASCII in the path (percent-encode them)");
+    }
     if !raw.contains(['%', '\\', ';']) {
         return None;
     }
@@ -391,8 +396,8 @@ mod tests {
             m("/app", false, "/app/%e2%82%ac"),
             proxied("/app/%E2%82%AC")
         );
-        // Raw UTF-8, which `http` accepts, passes through whole.
-        assert_eq!(m("/app", false, "/app/€%41"), proxied("/app/€A"));
+        // Raw UTF-8, which `http` accepts, is no request target (RFC 9112 §3.2): refused.
+        assert!(matches!(m("/app", false, "/app/€%41"), Match::Bad(_)));
     }
 
     #[test]
@@ -479,6 +484,34 @@ mod tests {
         assert_eq!(m("/app", false, "/app/.%2E/admin"), Match::No);
         assert_eq!(m("/app", false, "/x/.%2e/app/y"), proxied("/app/y"));
         assert_eq!(m("/app", false, "/app/%2e/x"), proxied("/app/x"));
+    }
+
+    #[test]
+    fn raw_bytes_outside_ascii_are_refused_near_a_route() {
+        let uri: Uri = "/app/x".parse().unwrap();
+        let raw = http::uri::Builder::new()
+            .path_and_query(
+                http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from_static(
+                    "/app/\u{ff0e}\u{ff0e}\u{ff0f}admin".as_bytes(),
+                ))
+                .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert!(matches!(
+            match_route(&["/app".into()], false, &uri),
+            Match::Proxy(_)
+        ));
+        assert!(matches!(
+            match_route(&["/app".into()], false, &raw),
+            Match::Bad(_)
+        ));
+        // Percent-encoded, the same characters are a plain path for the machine to read.
+        let encoded: Uri = "/app/%EF%BC%8E%EF%BC%8E%EF%BC%8Fadmin".parse().unwrap();
+        assert!(matches!(
+            match_route(&["/app".into()], false, &encoded),
+            Match::Proxy(_)
+        ));
     }
 
     #[test]
