@@ -241,6 +241,11 @@ impl Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // The text may quote the request (a path): never to be sniffed as HTML.
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         if let Some(after) = self.retry_after() {
             headers.insert(
                 header::RETRY_AFTER,

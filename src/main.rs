@@ -326,6 +326,11 @@ fn not_found<B>(req: &http::Request<B>) -> http::Response<Full<Bytes>> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // The text quotes the path: never to be sniffed as HTML.
+        res.headers_mut().insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         res
     };
     let allow = || HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH");

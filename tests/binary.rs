@@ -328,9 +328,11 @@ async fn every_log_line_names_the_machine_by_its_route_and_pids_are_numbers() {
 #[tokio::test]
 async fn serves_routes_404s_the_rest_and_stops_everything_on_sigterm() {
     let mut r = start_binary();
-    let (status, _, body) = common::get_text(r.addr, "/nothing-here").await;
+    let (status, headers, body) = common::get_text(r.addr, "/nothing-here").await;
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no route"), "{body}");
+    // It quotes the path: never to be sniffed as HTML.
+    assert_eq!(headers["x-content-type-options"], "nosniff");
 
     let (status, _, body) = common::get_text(r.addr, "/app/").await;
     assert_eq!(status, 200, "{body}");

@@ -97,6 +97,7 @@ async fn a_failed_start_answers_every_waiter_then_backs_off_and_recovers() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("no capacity"), "{body}");
     assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
     assert_eq!(backend.starts(), 1);
 
     // After it: a new start that succeeds.

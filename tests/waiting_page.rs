@@ -76,6 +76,7 @@ async fn a_browser_gets_the_page_at_once_and_the_machine_starts_for_it() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
     assert_eq!(headers["content-type"], "text/html; charset=utf-8");
     assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
     assert_eq!(headers["vary"], "Accept");
     assert!(retry_after(&headers) >= 1);
     assert_eq!(refresh(&page), retry_after(&headers));

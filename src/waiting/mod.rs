@@ -154,6 +154,10 @@ pub(crate) fn response(
     );
     // The page is about this moment; a cached copy would keep a browser away from the machine.
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     // The same URL answers a client that does not prefer HTML by waiting.
     h.insert(VARY, HeaderValue::from_static("Accept"));
     h.insert(RETRY_AFTER, HeaderValue::from(v.retry_after));
