@@ -567,3 +567,44 @@ async fn a_start_cancelled_while_its_insert_is_in_flight_leaves_no_vm() {
     assert_eq!(emu.count("instances.delete"), 1);
     assert_eq!(route.handle().state(), State::Absent);
 }
+
+/// The same, with an insert that outlasts the stop's own time: the stop cannot tell whether a
+/// VM is coming, so it fails, and the machine is recorded as possibly left running (the binary
+/// then names it and exits non-zero) instead of absent and clean.
+#[tokio::test]
+async fn a_stop_that_cannot_wait_out_an_insert_in_flight_says_so() {
+    let emu = emulator().await;
+    emu.hold_next("instances.insert", 1, ms(2000));
+    let b = backend(&emu, "slowinsert")
+        .stop_timeout(ms(300))
+        .build()
+        .unwrap();
+    let route = route(b);
+    let app = app(route.clone());
+    let request = tokio::spawn(async move { call(&app, "/vm/x").await });
+    tokio::time::sleep(ms(500)).await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        route.handle().stop_now(),
+    )
+    .await
+    .expect("the forced stop ends");
+    let (status, _) = request.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        route.handle().cleanup_failed(),
+        "a stop that could not see the insert through must not pass for a clean one"
+    );
+    // The VM the insert made is found and taken down by the next stop.
+    eventually("the held insert lands", || {
+        emu.instance(ZONE, "slowinsert").is_some()
+    })
+    .await;
+    route.handle().start().await.unwrap();
+    route.handle().stop().await;
+    eventually("the VM is deleted", || {
+        emu.instance(ZONE, "slowinsert").is_none()
+    })
+    .await;
+    assert!(!route.handle().cleanup_failed());
+}

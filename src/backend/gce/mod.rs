@@ -976,12 +976,14 @@ impl GceBackend {
 
     async fn stop_vm(&self) -> Result<(), GceError> {
         let deadline = Instant::now() + self.stop_timeout;
-        // An insert whose start was dropped may still create the VM: let it answer first.
+        // An insert whose start was dropped may still create the VM: let it answer first. If it
+        // does not within the stop's time, the stop fails: a VM not found now may exist later.
         if tokio::time::timeout_at(deadline, self.inserting.lock())
             .await
             .is_err()
         {
-            warn!(instance = %self.spec.name, "an instances.insert is still unanswered at the stop timeout; looking for the VM anyway");
+            let zone = self.zone_now();
+            return Err(self.timeout("stop", &zone, "being created (instances.insert unanswered)"));
         }
         let zone = self.zone_now();
         let zone = zone.as_str();
