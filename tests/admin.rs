@@ -385,6 +385,35 @@ async fn without_a_token_a_request_by_a_name_is_refused() {
         format!("GET /machines HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n");
     let res = raw(open, read).await;
     assert!(res.starts_with("HTTP/1.1 403"), "{res}");
+    assert!(
+        res.to_ascii_lowercase()
+            .contains("\r\ncache-control: no-store\r\n"),
+        "{res}"
+    );
+    for host in [
+        format!("[::1]evil:{port}"),
+        "127.0.0.1:x".to_owned(),
+        format!("localhost.evil:{port}"),
+    ] {
+        let req = format!("GET /machines HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let res = raw(open, req).await;
+        assert!(
+            res.starts_with("HTTP/1.1 403") || res.starts_with("HTTP/1.1 400"),
+            "{host}: {res}"
+        );
+    }
+    // A Host that is no text at all is no address either.
+    let mut odd =
+        b"GET /machines HTTP/1.1\r\nHost: caf\xc3\xa9\r\nConnection: close\r\n\r\n".to_vec();
+    let mut s = TcpStream::connect(open).await.unwrap();
+    s.write_all(&odd).await.unwrap();
+    odd.clear();
+    s.read_to_end(&mut odd).await.unwrap();
+    let res = String::from_utf8_lossy(&odd);
+    assert!(
+        res.starts_with("HTTP/1.1 403") || res.starts_with("HTTP/1.1 400"),
+        "{res}"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(backend.starts(), 0);
     for host in [

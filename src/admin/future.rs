@@ -53,11 +53,16 @@ impl Future for AdminFuture {
     type Output = Result<Response<AdminBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.get_mut().kind {
-            Kind::Ready(res) => {
-                Poll::Ready(Ok(res.take().expect("AdminFuture polled after completion")))
-            }
-            Kind::Waiting(fut) => fut.as_mut().poll(cx).map(Ok),
-        }
+        let mut res = match &mut self.get_mut().kind {
+            Kind::Ready(res) => res.take().expect("AdminFuture polled after completion"),
+            Kind::Waiting(fut) => std::task::ready!(fut.as_mut().poll(cx)),
+        };
+        // Every answer is for the token's holder, refusals included: no browser cache keeps
+        // one (RFC 9111 §3.5 covers shared caches only).
+        res.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        Poll::Ready(Ok(res))
     }
 }

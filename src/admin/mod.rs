@@ -275,10 +275,6 @@ impl Admin {
             ["machines", _, "start" | "stop"] | ["stop"] => method_not_allowed("POST"),
             _ => not_found(uri.path()),
         };
-        let mut res = res;
-        // Every answer here is for the token's holder: no browser cache keeps one (RFC 9111
-        // §3.5 covers shared caches only), the event stream and the metrics included.
-        no_store(&mut res);
         ready(if head { without_body(res) } else { res })
     }
 
@@ -374,24 +370,31 @@ fn same_secret(given: &[u8], token: &[u8]) -> bool {
 /// Whether the request names this server by an IP address or `localhost`, not by a name a DNS
 /// server could point anywhere (DNS rebinding).
 fn addressed_by_number(uri: &http::Uri, headers: &HeaderMap) -> bool {
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
-    let Some(authority) = authority else {
-        return true; // HTTP/1.0 without Host: no name to rebind
+    let authority = match (uri.authority(), headers.get(header::HOST)) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(host)) => match host.to_str() {
+            Ok(host) => host,
+            Err(_) => return false,
+        },
+        (None, None) => return true, // HTTP/1.0 without Host: no name to rebind
     };
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => {
-            return v6
-                .split_once(']')
-                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
-        }
-        None => authority
-            .rsplit_once(':')
-            .map_or(authority, |(host, _)| host),
+    let port_ok = |rest: &str| {
+        rest.is_empty()
+            || rest
+                .strip_prefix(':')
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     };
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::Ipv4Addr>().is_ok()
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6
+            .split_once(']')
+            .is_some_and(|(ip, rest)| ip.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(rest));
+    }
+    let (host, rest) = match authority.find(':') {
+        Some(at) => authority.split_at(at),
+        None => (authority, ""),
+    };
+    port_ok(rest)
+        && (host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 /// A `POST` from a page of another origin is refused: browsers send `Origin` on it, and a form
@@ -498,11 +501,6 @@ fn stop(handles: Vec<Handle>, wait: bool, all: bool) -> AdminFuture {
     }))
 }
 
-fn no_store(res: &mut Response<AdminBody>) {
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-}
-
 fn json_response(status: StatusCode, value: &Value) -> Response<AdminBody> {
     let mut body = value.to_string();
     body.push('\n');
@@ -512,7 +510,6 @@ fn json_response(status: StatusCode, value: &Value) -> Response<AdminBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    no_store(&mut res);
     res
 }
 
@@ -578,7 +575,6 @@ fn page_response() -> Response<AdminBody> {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    no_store(&mut res);
     res
 }
 
