@@ -1053,7 +1053,8 @@ where
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let timeout = self.body_timeout;
-        let asked = expects_continue(&req).then(Arc::default);
+        // hyper ignores Expect on a request without a body: nothing to tell then.
+        let asked = (expects_continue(&req) && !req.body().is_end_stream()).then(Arc::default);
         let mut req = req.map(|body| RequestBody {
             body,
             timeout,
@@ -1122,26 +1123,18 @@ enum TrackedFuture<F> {
         /// The request waits for `100 Continue`: see [`RequestBody`]'s `asked`.
         asked: Option<Arc<AtomicBool>>,
     },
-    /// An HTTP/2 stream with no slot left for it.
+    /// An HTTP/2 stream with no slot left for it: reset with REFUSED_STREAM.
     Refused,
 }
 
-/// What a stream refused for want of a slot is answered: retry soon, as for a full server.
-fn refused<B>() -> Response<TrackedBody<B>> {
-    let text =
-        "503 Service Unavailable: the server has as many requests in flight as it can hold\n";
-    let mut res = Response::new(TrackedBody::Text(Some(Bytes::from_static(text.as_bytes()))));
-    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let h = res.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        http::header::RETRY_AFTER,
-        http::HeaderValue::from_static("1"),
-    );
-    res
+/// Why a stream is refused for want of a slot: HTTP/2's REFUSED_STREAM (RFC 9113 §8.7), which
+/// tells the client that nothing of it was processed, so it may retry.
+fn refusal() -> BoxError {
+    #[cfg(feature = "http2")]
+    return Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    // Only HTTP/2 has a connection's second request in flight.
+    #[cfg(not(feature = "http2"))]
+    return "every connection slot is taken".into();
 }
 
 impl<F, B, E> Future for TrackedFuture<F>
@@ -1154,12 +1147,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (fut, guard, asked) = match self.project() {
             TrackedProj::Serving { fut, guard, asked } => (fut, guard, asked),
-            TrackedProj::Refused => return Poll::Ready(Ok(refused())),
+            TrackedProj::Refused => return Poll::Ready(Err(refusal())),
         };
         let mut res = ready!(fut.poll(cx)).map_err(Into::into)?;
+        let interim = res.status().is_informational();
         if asked
             .take()
             .is_some_and(|asked| !asked.load(Ordering::Acquire))
+            && !interim
         {
             // Answered before its body was asked for: hyper sends no 100 and closes the
             // connection after this response. RFC 9110 §10.1.1 asks that the client be told.
@@ -1177,20 +1172,16 @@ where
                 .store(true, Ordering::Release);
         }
         let guard = guard.take();
-        Poll::Ready(Ok(res.map(|body| TrackedBody::Inner { body, guard })))
+        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
     }
 }
 
 /// A response body that keeps its request counted in flight until it ends.
-#[pin_project(project = TrackedBodyProj)]
-enum TrackedBody<B> {
-    Inner {
-        #[pin]
-        body: B,
-        guard: Option<InFlight>,
-    },
-    /// A refusal's text.
-    Text(Option<Bytes>),
+#[pin_project]
+struct TrackedBody<B> {
+    #[pin]
+    body: B,
+    guard: Option<InFlight>,
 }
 
 impl<B> Body for TrackedBody<B>
@@ -1205,32 +1196,19 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let (body, guard) = match self.project() {
-            TrackedBodyProj::Inner { body, guard } => (body, guard),
-            TrackedBodyProj::Text(text) => {
-                return Poll::Ready(text.take().map(|t| Ok(Frame::data(t))))
-            }
-        };
-        let frame = ready!(body.poll_frame(cx));
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
         if frame.is_none() {
-            guard.take();
+            this.guard.take();
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            TrackedBody::Inner { body, .. } => body.is_end_stream(),
-            TrackedBody::Text(text) => text.is_none(),
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            TrackedBody::Inner { body, .. } => body.size_hint(),
-            TrackedBody::Text(text) => {
-                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
-            }
-        }
+        self.body.size_hint()
     }
 }

@@ -365,6 +365,23 @@ async fn an_early_answer_to_expect_100_continue_says_the_connection_closes() {
         .unwrap();
     let second = one_response(&mut s).await;
     assert!(second.contains("no route for /again"), "{second}");
+
+    // Expect without a body: hyper ignores it and keeps the connection; so does the answer.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /nothing HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let first = one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let second = one_response(&mut s).await;
+    assert!(second.contains("no route for /again"), "{second}");
 }
 
 /// What one connection can make the front hold with a request head it never finishes is
