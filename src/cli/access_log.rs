@@ -87,9 +87,15 @@ where
                 values.iter_mut().for_each(|v| v.set_sensitive(true));
             }
         }
-        let id = match headers.get(&X_REQUEST_ID).filter(|id| usable_id(id)) {
-            Some(id) => id.clone(),
+        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        let given = match (ids.next(), ids.next()) {
+            (Some(id), None) if usable_id(id) => Some(id.clone()),
+            _ => None,
+        };
+        let id = match given {
+            Some(id) => id,
             None => {
+                // `insert`: one field, the one logged, whatever the client sent.
                 let id = self.ids.next();
                 headers.insert(X_REQUEST_ID, id.clone());
                 id
@@ -343,6 +349,18 @@ mod tests {
         assert_eq!(made.len(), 36);
         assert!(res.headers()["x-seen"].to_str().unwrap().ends_with(&made));
         // An id that is no plain token is replaced, not logged empty and passed on.
+        let two = Request::builder()
+            .header("x-request-id", "one")
+            .header("x-request-id", "two")
+            .body(())
+            .unwrap();
+        let res = futures_lite_block_on(svc.call(two)).unwrap();
+        let made = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(made.len(), 36, "two ids: neither is taken");
+        assert!(
+            res.headers()["x-seen"].to_str().unwrap().ends_with(&made),
+            "and one goes on"
+        );
         for odd in [&b"caf\xc3\xa9"[..], b"a b", b""] {
             let req = Request::builder()
                 .header("x-request-id", HeaderValue::from_bytes(odd).unwrap())
